@@ -1,0 +1,62 @@
+# clip-operator: one entry point for building, testing, the demo and the benchmarks.
+#   make test   - everything CI runs (installs what it needs first)
+#   make demo   - the main job on embedded defaults
+#   make bench  - throughput against the Python reference, same run, same machine
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+ROOT := $(CURDIR)
+VENV := $(ROOT)/.venv
+PY := $(VENV)/bin/python
+FIXTURES ?= $(ROOT)/target/fixtures
+# tch builds against the libtorch inside the venv's torch wheel.
+export VIRTUAL_ENV := $(VENV)
+export PATH := $(VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+export CLIP_FIXTURES := $(FIXTURES)
+CARGO ?= cargo
+CARGO_FLAGS := --release --locked
+
+.PHONY: help setup venv sysdeps build fixtures test test-rust lint fmt clippy demo bench clean
+
+help:
+	@echo "make test    build everything and run every test (what CI runs)"
+	@echo "make demo    embed the sample photos with clip-worker (see README)"
+	@echo "make bench   throughput vs the Python reference; see BENCHMARKS.md"
+	@echo "make lint    cargo fmt --check + clippy -D warnings"
+
+setup: sysdeps venv
+
+sysdeps:
+	@bash scripts/sysdeps.sh
+
+venv:
+	@bash scripts/venv.sh
+
+build: setup
+	$(CARGO) build $(CARGO_FLAGS) --workspace
+
+fixtures: venv
+	$(PY) tests/fixtures/make_fixtures.py $(FIXTURES)
+
+test: lint test-rust
+
+test-rust: build fixtures
+	$(CARGO) test $(CARGO_FLAGS) --workspace
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+demo: build fixtures
+	@bash scripts/demo.sh
+
+bench: build fixtures
+	$(PY) tests/bench/bench.py --worker target/release/clip-worker --fixtures $(FIXTURES)
+
+clean:
+	$(CARGO) clean

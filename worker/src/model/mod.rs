@@ -1,0 +1,295 @@
+//! CLIP image and text towers on LibTorch (`tch`), configured from a Hugging Face `config.json`
+//! and loaded from `model.safetensors`, so the tiny test model and the real ViT-B/32, ViT-B/16 and
+//! ViT-L/14 run through the same code.
+
+pub mod checkpoint;
+pub mod config;
+mod layers;
+pub mod spec;
+mod text;
+mod vision;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use tch::{Device, Kind, Tensor};
+
+pub use config::ClipConfig;
+pub use spec::{DEFAULT_MODEL, MODELS, ModelSpec};
+
+use checkpoint::Checkpoint;
+use text::TextTower;
+use vision::VisionTower;
+
+/// Why a model could not be loaded or run. Each variant reads as one sentence with the file named.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read {0}: {1}")]
+    Io(PathBuf, #[source] std::io::Error),
+    #[error("invalid model config {0}: {1}")]
+    Config(PathBuf, String),
+    #[error("invalid checkpoint {0}: {1}")]
+    Checkpoint(PathBuf, String),
+    #[error("{0}")]
+    Device(String),
+    #[error("inference failed: {0}")]
+    Forward(String),
+}
+
+/// Where inference runs, as the user asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// CUDA when libtorch sees a GPU, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
+            _ => Err(format!("unknown device {s:?}; expected auto, cpu or cuda")),
+        }
+    }
+}
+
+/// Numeric precision of the weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrecisionChoice {
+    /// fp16 on CUDA (what the seed's `clip.load` does on a GPU), fp32 on CPU.
+    #[default]
+    Auto,
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl FromStr for PrecisionChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(PrecisionChoice::Auto),
+            "fp32" | "float32" => Ok(PrecisionChoice::Fp32),
+            "fp16" | "float16" | "half" => Ok(PrecisionChoice::Fp16),
+            "bf16" | "bfloat16" => Ok(PrecisionChoice::Bf16),
+            _ => Err(format!(
+                "unknown precision {s:?}; expected auto, fp32, fp16 or bf16"
+            )),
+        }
+    }
+}
+
+/// A resolved device and dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub device: Device,
+    pub kind: Kind,
+}
+
+impl Placement {
+    /// Resolves the user's choices against what the machine has. Pure, so the GPU rules are
+    /// tested on machines without one.
+    pub fn resolve(
+        device: DeviceChoice,
+        precision: PrecisionChoice,
+        cuda_devices: usize,
+    ) -> Result<Self, ModelError> {
+        let device = match device {
+            DeviceChoice::Cpu => Device::Cpu,
+            DeviceChoice::Auto if cuda_devices == 0 => Device::Cpu,
+            DeviceChoice::Auto => Device::Cuda(0),
+            DeviceChoice::Cuda if cuda_devices == 0 => {
+                return Err(ModelError::Device(
+                    "--device cuda was requested but libtorch sees no CUDA device (no GPU, no driver, \
+                     or a CPU-only libtorch)"
+                        .into(),
+                ));
+            }
+            DeviceChoice::Cuda => Device::Cuda(0),
+        };
+        let kind = match (precision, device) {
+            (PrecisionChoice::Auto, Device::Cpu) | (PrecisionChoice::Fp32, _) => Kind::Float,
+            (PrecisionChoice::Auto, _) | (PrecisionChoice::Fp16, _) => Kind::Half,
+            (PrecisionChoice::Bf16, _) => Kind::BFloat16,
+        };
+        if kind == Kind::Half && device == Device::Cpu {
+            return Err(ModelError::Device(
+                "fp16 is only supported on CUDA; use fp32 or bf16 on the CPU".into(),
+            ));
+        }
+        Ok(Placement { device, kind })
+    }
+
+    /// Resolves against this machine.
+    pub fn detect(device: DeviceChoice, precision: PrecisionChoice) -> Result<Self, ModelError> {
+        let cuda = if device == DeviceChoice::Cpu {
+            0
+        } else {
+            tch::Cuda::device_count().max(0) as usize
+        };
+        Self::resolve(device, precision, cuda)
+    }
+
+    /// Short human form, e.g. `cuda:0 fp16`.
+    pub fn describe(&self) -> String {
+        let d = match self.device {
+            Device::Cuda(i) => format!("cuda:{i}"),
+            _ => "cpu".into(),
+        };
+        let k = match self.kind {
+            Kind::Half => "fp16",
+            Kind::BFloat16 => "bf16",
+            _ => "fp32",
+        };
+        format!("{d} {k}")
+    }
+}
+
+/// Which towers to load: the text tower is only needed for labels and text queries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Towers {
+    VisionOnly,
+    Both,
+}
+
+/// A loaded CLIP model.
+pub struct ClipModel {
+    pub config: ClipConfig,
+    pub placement: Placement,
+    vision: VisionTower,
+    text: Option<TextTower>,
+}
+
+impl ClipModel {
+    /// Loads `config.json` and `model.safetensors` from `dir`.
+    pub fn load(dir: &Path, placement: Placement, towers: Towers) -> Result<Self, ModelError> {
+        let config = ClipConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(&dir.join("model.safetensors"))?;
+        let r = ckpt.reader(placement.device, placement.kind)?;
+        let _guard = tch::no_grad_guard();
+        let vision = VisionTower::load(&r, &config.vision, config.projection_dim)?;
+        let text = match towers {
+            Towers::Both => Some(TextTower::load(&r, &config.text, config.projection_dim)?),
+            Towers::VisionOnly => None,
+        };
+        Ok(ClipModel {
+            config,
+            placement,
+            vision,
+            text,
+        })
+    }
+
+    /// Side length of the square input image (224 for the supported models).
+    pub fn image_size(&self) -> usize {
+        self.config.vision.image_size as usize
+    }
+
+    /// Length of the embedding vectors.
+    pub fn dimensions(&self) -> usize {
+        self.config.projection_dim as usize
+    }
+
+    /// Image features for a batch of preprocessed images (`[batch, 3, S, S]`, fp32 on the host).
+    /// Returns fp32 on the host, `[batch, dimensions]`, not L2-normalised (as the seed stores).
+    pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor, ModelError> {
+        guarded(|| {
+            let _guard = tch::no_grad_guard();
+            let x = pixels
+                .to_device(self.placement.device)
+                .to_kind(self.placement.kind);
+            self.vision
+                .forward(&x)
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu)
+        })
+    }
+
+    /// Text features for token ids (`[batch, tokens]`, int64) whose end-of-text positions are
+    /// `eot` (`[batch]`). Returns fp32 on the host, `[batch, dimensions]`.
+    pub fn encode_text(&self, ids: &Tensor, eot: &Tensor) -> Result<Tensor, ModelError> {
+        let text = self
+            .text
+            .as_ref()
+            .ok_or_else(|| ModelError::Forward("the text tower was not loaded".into()))?;
+        guarded(|| {
+            let _guard = tch::no_grad_guard();
+            text.forward(&ids.to_device(self.placement.device), eot)
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu)
+        })
+    }
+
+    /// Whether the architecture in `config.json` is the one `spec` names (a mislabelled weights
+    /// directory would otherwise embed with the wrong model under the right name).
+    pub fn matches(&self, spec: &ModelSpec) -> bool {
+        self.config.vision.patch_size == spec.patch_size
+            && self.config.vision.tower.hidden_size == spec.vision_width
+            && self.config.projection_dim == spec.dimensions
+    }
+}
+
+/// Runs libtorch work, turning its exceptions (which `tch` raises as panics: CUDA out of memory,
+/// a driver fault) into an error the caller can retry or report, instead of killing the worker.
+fn guarded<F: FnOnce() -> Tensor>(f: F) -> Result<Tensor, ModelError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|e| {
+        let msg = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "libtorch raised an error".into());
+        ModelError::Forward(msg.lines().next().unwrap_or_default().to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_picks_fp16_cuda_when_a_gpu_is_present() {
+        let p = Placement::resolve(DeviceChoice::Auto, PrecisionChoice::Auto, 1).unwrap();
+        assert_eq!(
+            p,
+            Placement {
+                device: Device::Cuda(0),
+                kind: Kind::Half
+            }
+        );
+        assert_eq!(p.describe(), "cuda:0 fp16");
+        let p = Placement::resolve(DeviceChoice::Auto, PrecisionChoice::Bf16, 2).unwrap();
+        assert_eq!(p.kind, Kind::BFloat16);
+    }
+
+    #[test]
+    fn auto_falls_back_to_fp32_cpu() {
+        let p = Placement::resolve(DeviceChoice::Auto, PrecisionChoice::Auto, 0).unwrap();
+        assert_eq!(
+            p,
+            Placement {
+                device: Device::Cpu,
+                kind: Kind::Float
+            }
+        );
+        let p = Placement::resolve(DeviceChoice::Cpu, PrecisionChoice::Auto, 4).unwrap();
+        assert_eq!(p.device, Device::Cpu);
+    }
+
+    #[test]
+    fn impossible_requests_are_clear_errors() {
+        let e = Placement::resolve(DeviceChoice::Cuda, PrecisionChoice::Auto, 0).unwrap_err();
+        assert!(e.to_string().contains("no CUDA device"), "{e}");
+        let e = Placement::resolve(DeviceChoice::Cpu, PrecisionChoice::Fp16, 0).unwrap_err();
+        assert!(
+            e.to_string().contains("fp16 is only supported on CUDA"),
+            "{e}"
+        );
+        assert!("tpu".parse::<DeviceChoice>().is_err());
+        assert_eq!("BF16".parse::<PrecisionChoice>(), Ok(PrecisionChoice::Bf16));
+    }
+}

@@ -1,0 +1,466 @@
+//! Decoding into the pixel mode the reference (PIL) opens each file in, because the mode decides
+//! how the reference resamples: palette images with nearest neighbour, images with alpha
+//! premultiplied, CMYK in CMYK. Dimensions are read from the header and checked against the
+//! limits before any pixel buffer is allocated.
+
+use std::io::Cursor;
+
+use image::{ColorType, ImageDecoder};
+
+use super::format::ImageFormat;
+use super::{Limits, PreprocessError};
+
+/// Decoded pixels, in the mode PIL would hold them.
+#[derive(Debug)]
+pub enum Pixels {
+    /// PIL `L`: 8-bit grey, resampled bicubic.
+    Gray(Vec<u8>),
+    /// PIL `LA`: grey + alpha, resampled premultiplied.
+    GrayAlpha(Vec<u8>),
+    /// PIL `RGB`.
+    Rgb(Vec<u8>),
+    /// PIL `RGBA`: resampled premultiplied, alpha then dropped.
+    Rgba(Vec<u8>),
+    /// PIL `CMYK` (true, not inverted, ink values): resampled in CMYK, converted after.
+    Cmyk(Vec<u8>),
+    /// PIL `P` or `1`: palette colours expanded to RGB; resampled with nearest neighbour, as PIL
+    /// forces for palette images. Transparency is ignored, as PIL's `convert("RGB")` does.
+    Indexed(Vec<u8>),
+}
+
+/// A decoded image.
+#[derive(Debug)]
+pub struct Decoded {
+    pub width: u32,
+    pub height: u32,
+    pub pixels: Pixels,
+}
+
+/// Decodes `bytes`, already identified as `format`.
+pub fn decode(
+    bytes: &[u8],
+    format: ImageFormat,
+    limits: &Limits,
+) -> Result<Decoded, PreprocessError> {
+    // Decoders are third-party code fed hostile input: a panic in one becomes an error for this
+    // image, never a crash of the worker.
+    std::panic::catch_unwind(|| match format {
+        ImageFormat::Jpeg => decode_jpeg(bytes, limits),
+        ImageFormat::Png => decode_png(bytes, limits),
+        ImageFormat::Gif => decode_gif(bytes, limits),
+        ImageFormat::Bmp => decode_bmp(bytes, limits),
+        ImageFormat::Pcx => decode_pcx(bytes, limits),
+        ImageFormat::Tiff => {
+            let dec = image::codecs::tiff::TiffDecoder::new(Cursor::new(bytes))
+                .map_err(|e| image_error(format, e))?;
+            decode_with_image(dec, format, limits, false)
+        }
+        ImageFormat::Webp => {
+            let dec = image::codecs::webp::WebPDecoder::new(Cursor::new(bytes))
+                .map_err(|e| image_error(format, e))?;
+            decode_with_image(dec, format, limits, false)
+        }
+    })
+    .unwrap_or_else(|_| {
+        Err(PreprocessError::Corrupt {
+            format,
+            detail: "the decoder failed on malformed data".into(),
+        })
+    })
+}
+
+fn corrupt(format: ImageFormat, e: impl std::fmt::Display) -> PreprocessError {
+    PreprocessError::Corrupt {
+        format,
+        detail: e.to_string(),
+    }
+}
+
+/// `image` errors: hitting its allocation limit is a size problem, not corruption.
+fn image_error(format: ImageFormat, e: image::ImageError) -> PreprocessError {
+    match e {
+        image::ImageError::Limits(l) => PreprocessError::Unsupported {
+            format,
+            detail: format!("decoder memory limit: {l}"),
+        },
+        image::ImageError::Unsupported(u) => PreprocessError::Unsupported {
+            format,
+            detail: u.to_string(),
+        },
+        other => corrupt(format, other),
+    }
+}
+
+/// Limits handed to the `image` decoders, so their internal allocations are bounded too.
+fn image_limits(limits: &Limits) -> image::Limits {
+    let mut l = image::Limits::default();
+    // 8 bytes per pixel covers 16-bit RGBA, the widest layout we accept.
+    l.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    l
+}
+
+/// Shared path for decoders behind `image::ImageDecoder`. `drop_alpha` treats an alpha channel
+/// the decoder synthesised (PNG `tRNS` on grey/RGB) as absent, as PIL does.
+fn decode_with_image<D: ImageDecoder>(
+    mut dec: D,
+    format: ImageFormat,
+    limits: &Limits,
+    drop_alpha: bool,
+) -> Result<Decoded, PreprocessError> {
+    let (width, height) = dec.dimensions();
+    limits.check_dimensions(width, height)?;
+    dec.set_limits(image_limits(limits))
+        .map_err(|e| image_error(format, e))?;
+    let color = dec.color_type();
+    let total = usize::try_from(dec.total_bytes()).map_err(|_| PreprocessError::Unsupported {
+        format,
+        detail: "image does not fit in memory".into(),
+    })?;
+    let mut buf = vec![0u8; total];
+    dec.read_image(&mut buf)
+        .map_err(|e| image_error(format, e))?;
+    let pixels = match color {
+        ColorType::L8 => Pixels::Gray(buf),
+        ColorType::La8 if drop_alpha => Pixels::Gray(take_channels(&buf, 2, 1)),
+        ColorType::La8 => Pixels::GrayAlpha(buf),
+        ColorType::Rgb8 => Pixels::Rgb(buf),
+        ColorType::Rgba8 if drop_alpha => Pixels::Rgb(take_channels(&buf, 4, 3)),
+        ColorType::Rgba8 => Pixels::Rgba(buf),
+        // 16-bit samples keep their high byte, as PIL does when it opens 16-bit RGB(A) PNGs.
+        ColorType::L16 => Pixels::Gray(high_bytes(&buf)),
+        ColorType::La16 if drop_alpha => Pixels::Gray(take_channels(&high_bytes(&buf), 2, 1)),
+        ColorType::La16 => Pixels::GrayAlpha(high_bytes(&buf)),
+        ColorType::Rgb16 => Pixels::Rgb(high_bytes(&buf)),
+        ColorType::Rgba16 if drop_alpha => Pixels::Rgb(take_channels(&high_bytes(&buf), 4, 3)),
+        ColorType::Rgba16 => Pixels::Rgba(high_bytes(&buf)),
+        other => {
+            return Err(PreprocessError::Unsupported {
+                format,
+                detail: format!("pixel layout {other:?}"),
+            });
+        }
+    };
+    Ok(Decoded {
+        width,
+        height,
+        pixels,
+    })
+}
+
+/// The high byte of each native-endian 16-bit sample.
+fn high_bytes(buf: &[u8]) -> Vec<u8> {
+    buf.chunks_exact(2)
+        .map(|s| (u16::from_ne_bytes([s[0], s[1]]) >> 8) as u8)
+        .collect()
+}
+
+/// The first `keep` of every `stride` bytes.
+fn take_channels(buf: &[u8], stride: usize, keep: usize) -> Vec<u8> {
+    buf.chunks_exact(stride)
+        .flat_map(|p| p[..keep].iter().copied())
+        .collect()
+}
+
+// ----------------------------------------------------------------------------------------- JPEG
+
+fn decode_jpeg(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError> {
+    use turbojpeg::{Colorspace, PixelFormat};
+
+    let f = ImageFormat::Jpeg;
+    let mut dec = turbojpeg::Decompressor::new().map_err(|e| corrupt(f, e))?;
+    let header = dec.read_header(bytes).map_err(|e| corrupt(f, e))?;
+    let (width, height) = (header.width as u32, header.height as u32);
+    limits.check_dimensions(width, height)?;
+    // PIL opens grey JPEGs as L, CMYK and YCCK ones as CMYK, everything else as RGB; libjpeg-turbo
+    // with its defaults (ISLOW IDCT, fancy upsampling) is the decoder PIL uses.
+    let format = match header.colorspace {
+        Colorspace::Gray => PixelFormat::GRAY,
+        Colorspace::CMYK | Colorspace::YCCK => PixelFormat::CMYK,
+        _ => PixelFormat::RGB,
+    };
+    let (w, h) = (header.width, header.height);
+    let mut buf = vec![0u8; w * h * format.size()];
+    let image = turbojpeg::Image {
+        pixels: buf.as_mut_slice(),
+        width: w,
+        pitch: w * format.size(),
+        height: h,
+        format,
+    };
+    // TurboJPEG reports libjpeg warnings (premature end of data, corrupt entropy data) as errors:
+    // a truncated JPEG is refused, as PIL refuses it.
+    dec.decompress(bytes, image).map_err(|e| corrupt(f, e))?;
+    let pixels = match format {
+        PixelFormat::GRAY => Pixels::Gray(buf),
+        PixelFormat::CMYK => {
+            // Adobe CMYK JPEGs store inverted ink values; PIL undoes that (rawmode CMYK;I).
+            if has_adobe_marker(bytes) {
+                buf.iter_mut().for_each(|v| *v = 255 - *v);
+            }
+            Pixels::Cmyk(buf)
+        }
+        _ => Pixels::Rgb(buf),
+    };
+    Ok(Decoded {
+        width,
+        height,
+        pixels,
+    })
+}
+
+/// Whether the JPEG carries an Adobe APP14 segment before its first scan.
+fn has_adobe_marker(bytes: &[u8]) -> bool {
+    let mut i = 2;
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xFF {
+            return false;
+        }
+        let marker = bytes[i + 1];
+        if marker == 0xDA {
+            return false;
+        }
+        let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
+        if marker == 0xEE && bytes.get(i + 4..i + 9) == Some(b"Adobe") {
+            return true;
+        }
+        i += 2 + len;
+    }
+    false
+}
+
+// ------------------------------------------------------------------------------------------ PNG
+
+fn decode_png(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError> {
+    let f = ImageFormat::Png;
+    // IHDR is always the first chunk: bit depth at 24, colour type at 25.
+    let (bit_depth, color_type) = match bytes.get(12..26) {
+        Some(h) if &h[..4] == b"IHDR" => (h[12], h[13]),
+        _ => return Err(corrupt(f, "missing IHDR header")),
+    };
+    let dec =
+        image::codecs::png::PngDecoder::new(Cursor::new(bytes)).map_err(|e| image_error(f, e))?;
+    // Colour types 0 (grey) and 2 (RGB) have no alpha channel: an alpha the decoder derives from a
+    // tRNS chunk is not one PIL would see.
+    let decoded = decode_with_image(dec, f, limits, matches!(color_type, 0 | 2))?;
+    // Palette (type 3) and 1-bit grey are PIL modes P and 1: nearest-neighbour resampling.
+    let paletted = color_type == 3 || (color_type == 0 && bit_depth == 1);
+    Ok(if paletted {
+        into_indexed(decoded)
+    } else {
+        decoded
+    })
+}
+
+/// Every pixel as RGB, alpha dropped (what PIL's `convert("RGB")` keeps of a palette image).
+fn expand_rgb(pixels: Pixels) -> Vec<u8> {
+    match pixels {
+        Pixels::Gray(g) => g.iter().flat_map(|&v| [v, v, v]).collect(),
+        Pixels::GrayAlpha(g) => g.chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
+        Pixels::Rgb(rgb) | Pixels::Indexed(rgb) => rgb,
+        Pixels::Rgba(rgba) => take_channels(&rgba, 4, 3),
+        Pixels::Cmyk(c) => c
+            .chunks_exact(4)
+            .flat_map(|p| super::resize::cmyk_to_rgb([p[0], p[1], p[2], p[3]]))
+            .collect(),
+    }
+}
+
+/// Re-labels an image the decoder expanded from a palette as indexed.
+fn into_indexed(d: Decoded) -> Decoded {
+    Decoded {
+        pixels: Pixels::Indexed(expand_rgb(d.pixels)),
+        ..d
+    }
+}
+
+// ------------------------------------------------------------------------------------------ GIF
+
+/// First frame only, composed the way PIL composes frame 0: a canvas of the logical screen size
+/// filled with the transparent index (else 0), the frame pasted at its offset, colours from the
+/// frame's palette (else the global one).
+fn decode_gif(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError> {
+    let f = ImageFormat::Gif;
+    let mut opts = gif::DecodeOptions::new();
+    opts.set_color_output(gif::ColorOutput::Indexed);
+    opts.set_memory_limit(gif::MemoryLimit::Bytes(
+        std::num::NonZeroU64::new(limits.max_pixels.max(1)).expect("max(1) is non-zero"),
+    ));
+    let mut dec = opts
+        .read_info(Cursor::new(bytes))
+        .map_err(|e| corrupt(f, e))?;
+    let (width, height) = (u32::from(dec.width()), u32::from(dec.height()));
+    limits.check_dimensions(width, height)?;
+    let global = dec.global_palette().map(<[u8]>::to_vec);
+    let frame = dec
+        .read_next_frame()
+        .map_err(|e| corrupt(f, e))?
+        .ok_or_else(|| corrupt(f, "no image frame"))?;
+    let fill = frame.transparent.unwrap_or(0);
+    let (w, h) = (width as usize, height as usize);
+    let mut canvas = vec![fill; w * h];
+    let (fl, ft, fw, fh) = (
+        usize::from(frame.left),
+        usize::from(frame.top),
+        usize::from(frame.width),
+        usize::from(frame.height),
+    );
+    for y in 0..fh.min(h.saturating_sub(ft)) {
+        let src = &frame.buffer[y * fw..][..fw];
+        let cols = fw.min(w.saturating_sub(fl));
+        canvas[(ft + y) * w + fl..][..cols].copy_from_slice(&src[..cols]);
+    }
+    let palette = frame.palette.clone().or(global);
+    let rgb: Vec<u8> = match palette {
+        Some(p) => canvas
+            .iter()
+            .flat_map(|&i| {
+                let o = usize::from(i) * 3;
+                p.get(o..o + 3).map_or([0, 0, 0], |c| [c[0], c[1], c[2]])
+            })
+            .collect(),
+        // No palette at all: PIL shows the indices as grey levels (mode L).
+        None => {
+            return Ok(Decoded {
+                width,
+                height,
+                pixels: Pixels::Gray(canvas),
+            });
+        }
+    };
+    Ok(Decoded {
+        width,
+        height,
+        pixels: Pixels::Indexed(rgb),
+    })
+}
+
+// ------------------------------------------------------------------------------------------ BMP
+
+fn decode_bmp(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError> {
+    let f = ImageFormat::Bmp;
+    let palette = bmp_palette(bytes);
+    let dec =
+        image::codecs::bmp::BmpDecoder::new(Cursor::new(bytes)).map_err(|e| image_error(f, e))?;
+    let decoded = decode_with_image(dec, f, limits, false)?;
+    Ok(match palette {
+        // PIL opens a BMP whose palette is the identity grey ramp as L (bicubic), others as P/1.
+        Some(p) if p.len() != 2 && p.iter().enumerate().all(|(i, c)| *c == [i as u8; 3]) => {
+            Decoded {
+                pixels: Pixels::Gray(take_channels(&expand_rgb(decoded.pixels), 3, 1)),
+                ..decoded
+            }
+        }
+        Some(_) => into_indexed(decoded),
+        None => decoded,
+    })
+}
+
+/// The colour table of a palette BMP (bits per pixel <= 8), or `None`.
+fn bmp_palette(b: &[u8]) -> Option<Vec<[u8; 3]>> {
+    let u32_at = |o: usize| {
+        b.get(o..o + 4)
+            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
+    let header = u32_at(14)? as usize;
+    let (bpp, used, entry) = if header == 12 {
+        (u16_at(24)?, 0, 3) // OS/2 1.x: 3-byte entries
+    } else {
+        (u16_at(28)?, u32_at(46)? as usize, 4)
+    };
+    if bpp > 8 {
+        return None;
+    }
+    let colors = if used == 0 {
+        1usize << bpp
+    } else {
+        used.min(1 << bpp)
+    };
+    let start = 14 + header;
+    let table = b.get(start..start + colors * entry)?;
+    Some(
+        table
+            .chunks_exact(entry)
+            .map(|c| [c[2], c[1], c[0]])
+            .collect(),
+    )
+}
+
+// ------------------------------------------------------------------------------------------ PCX
+
+fn decode_pcx(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError> {
+    let f = ImageFormat::Pcx;
+    let mut r = pcx::Reader::from_mem(bytes).map_err(|e| corrupt(f, e))?;
+    let (width, height) = (u32::from(r.width()), u32::from(r.height()));
+    limits.check_dimensions(width, height)?;
+    let (w, h) = (width as usize, height as usize);
+    if r.is_paletted() {
+        let colors = usize::from(r.palette_length().unwrap_or(0));
+        let mut idx = vec![0u8; w * h];
+        for row in idx.chunks_exact_mut(w) {
+            r.next_row_paletted(row).map_err(|e| corrupt(f, e))?;
+        }
+        let mut pal = vec![0u8; 256 * 3];
+        let n = r.read_palette(&mut pal).map_err(|e| corrupt(f, e))?;
+        // PIL opens an 8-bit PCX with the identity grey palette as L (bicubic), others as P/1.
+        if colors == 256
+            && n == 256
+            && pal
+                .chunks_exact(3)
+                .enumerate()
+                .all(|(i, c)| c == [i as u8; 3])
+        {
+            return Ok(Decoded {
+                width,
+                height,
+                pixels: Pixels::Gray(idx),
+            });
+        }
+        let rgb = idx
+            .iter()
+            .flat_map(|&i| pal[usize::from(i) * 3..][..3].to_vec())
+            .collect();
+        Ok(Decoded {
+            width,
+            height,
+            pixels: Pixels::Indexed(rgb),
+        })
+    } else {
+        let mut rgb = vec![0u8; w * h * 3];
+        for row in rgb.chunks_exact_mut(w * 3) {
+            r.next_row_rgb(row).map_err(|e| corrupt(f, e))?;
+        }
+        Ok(Decoded {
+            width,
+            height,
+            pixels: Pixels::Rgb(rgb),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adobe_marker_is_found_before_the_scan_only() {
+        let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xE0, 0, 4, 0, 0];
+        jpeg.extend_from_slice(&[0xFF, 0xEE, 0, 14]);
+        jpeg.extend_from_slice(b"Adobe\0\0\0\0\0\0\x02");
+        assert!(has_adobe_marker(&jpeg));
+        let no = [
+            0xFF, 0xD8, 0xFF, 0xDA, 0, 4, 0, 0, 0xFF, 0xEE, 0, 7, b'A', b'd', b'o', b'b', b'e',
+        ];
+        assert!(!has_adobe_marker(&no));
+        assert!(!has_adobe_marker(&[0xFF, 0xD8, 0xFF]));
+    }
+
+    #[test]
+    fn sixteen_bit_samples_keep_the_high_byte() {
+        let samples: Vec<u8> = [0xABCDu16, 0x00FF, 0xFF00]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        assert_eq!(high_bytes(&samples), vec![0xAB, 0x00, 0xFF]);
+    }
+}
