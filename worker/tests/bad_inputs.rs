@@ -6,16 +6,15 @@ mod common;
 
 use std::process::Command;
 
-use clip_worker::preprocess::{self, Limits};
+use clip_worker::preprocess::{Limits, Preprocessor};
 use common::*;
 
 #[test]
 fn each_bad_input_has_its_documented_error() {
     for bad in manifest().bad {
         let bytes = std::fs::read(fixtures().join("bad").join(&bad.file)).unwrap();
-        let result = std::panic::catch_unwind(|| {
-            preprocess::prepare(&bytes, Some(&bad.mime), 224, &Limits::default())
-        });
+        let result =
+            std::panic::catch_unwind(|| Preprocessor::new(224).prepare(&bytes, Some(&bad.mime)));
         let err = match result {
             Ok(Err(e)) => e.to_string(),
             Ok(Ok(_)) => panic!("{} was accepted", bad.file),
@@ -41,9 +40,7 @@ fn truncating_a_valid_image_anywhere_never_panics() {
         let bytes = std::fs::read(fixtures().join("images").join(&img.file)).unwrap();
         let step = (bytes.len() / 23).max(1);
         for n in (0..bytes.len()).step_by(step) {
-            let r = std::panic::catch_unwind(|| {
-                preprocess::prepare(&bytes[..n], None, 224, &Limits::default())
-            });
+            let r = std::panic::catch_unwind(|| Preprocessor::new(224).prepare(&bytes[..n], None));
             assert!(r.is_ok(), "{} truncated at {n} bytes panicked", img.file);
         }
     }
@@ -56,8 +53,12 @@ fn limits_are_configurable() {
         min_side: 1,
         ..Limits::default()
     };
-    let img = preprocess::prepare(&bytes, Some("image/png"), 224, &tolerant)
-        .expect("1x1 allowed with min_side 1");
+    let img = Preprocessor {
+        limits: tolerant,
+        ..Preprocessor::new(224)
+    }
+    .prepare(&bytes, Some("image/png"))
+    .expect("1x1 allowed with min_side 1");
     assert_eq!(img.rgb.len(), 224 * 224 * 3);
     assert!(
         img.rgb.chunks(3).all(|p| p == [200, 10, 10]),

@@ -9,7 +9,7 @@ mod common;
 
 use clip_worker::engine::{Engine, EngineConfig, LabelSource};
 use clip_worker::model::{DEFAULT_MODEL, Placement};
-use clip_worker::preprocess::{self, Limits, PreparedImage};
+use clip_worker::preprocess::{PreparedImage, Preprocessor};
 use clip_worker::tokenizer::ClipTokenizer;
 use common::*;
 
@@ -18,7 +18,8 @@ const COSINE: f64 = 0.99999;
 
 fn prepared(entry: &ImageEntry) -> PreparedImage {
     let bytes = std::fs::read(fixtures().join("images").join(&entry.file)).unwrap();
-    preprocess::prepare(&bytes, Some(&entry.mime), 224, &Limits::default())
+    Preprocessor::new(224)
+        .prepare(&bytes, Some(&entry.mime))
         .unwrap_or_else(|e| panic!("{}: {e}", entry.file))
 }
 

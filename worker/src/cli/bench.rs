@@ -13,9 +13,9 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use super::embed::{decode_pool, load_engine};
-use super::{LimitArgs, ModelArgs};
+use super::{ModelArgs, PreprocessArgs};
 use crate::engine::LabelSource;
-use crate::preprocess::{self, PreparedImage};
+use crate::preprocess::PreparedImage;
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
 pub enum BenchMode {
@@ -33,9 +33,15 @@ pub struct BenchArgs {
     /// Passes over the file list.
     #[arg(long, default_value_t = 3)]
     pub passes: usize,
-    /// Model (embed mode only).
-    #[command(flatten)]
-    pub model: Option<ModelArgs>,
+    /// Weights directory (embed mode only).
+    #[arg(long, value_name = "DIR")]
+    pub weights: Option<PathBuf>,
+    /// Where inference runs (embed mode): auto, cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
+    pub device: crate::model::DeviceChoice,
+    /// Precision (embed mode): auto, fp32, fp16 or bf16.
+    #[arg(long, default_value = "auto", value_parser = super::parse_precision)]
+    pub precision: crate::model::PrecisionChoice,
     /// Images per forward pass (embed mode).
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
@@ -45,8 +51,12 @@ pub struct BenchArgs {
     /// Input side (preprocess mode; embed mode uses the model's).
     #[arg(long, default_value_t = 224)]
     pub size: u32,
+    /// Preprocess mode: also write each image's normalised tensor (`<n>.f32`, little-endian
+    /// `[3, size, size]`) here, for pixel parity checks.
+    #[arg(long, value_name = "DIR")]
+    pub dump_dir: Option<PathBuf>,
     #[command(flatten)]
-    pub limits: LimitArgs,
+    pub preprocess: PreprocessArgs,
     /// Image files.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
@@ -58,33 +68,46 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|f| std::fs::read(f).with_context(|| format!("cannot read {}", f.display())))
         .collect::<Result<_, _>>()?;
-    let limits = args.limits.limits();
     let passes = args.passes.max(1);
     let (images, seconds) = match args.mode {
         BenchMode::Preprocess => {
             // Warm-up pass (page cache, allocator), then timed passes on this one thread.
-            for b in &inputs {
-                preprocess::prepare(b, None, args.size, &limits)?;
+            // The reference's time includes ToTensor + Normalize: ours includes the same work.
+            let pre = args.preprocess.preprocessor(args.size);
+            let mut tensor = vec![0f32; 3 * (args.size * args.size) as usize];
+            for (n, b) in inputs.iter().enumerate() {
+                pre.prepare(b, None)?.write_normalized(&mut tensor);
+                if let Some(dir) = &args.dump_dir {
+                    let bytes: Vec<u8> = tensor.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    std::fs::write(dir.join(format!("{n}.f32")), bytes)?;
+                }
             }
             let t = Instant::now();
             for _ in 0..passes {
                 for b in &inputs {
-                    std::hint::black_box(preprocess::prepare(b, None, args.size, &limits)?);
+                    pre.prepare(b, None)?.write_normalized(&mut tensor);
+                    std::hint::black_box(&tensor);
                 }
             }
             (inputs.len() * passes, t.elapsed().as_secs_f64())
         }
         BenchMode::Embed => {
-            let m = args.model.as_ref().context("embed mode needs --weights")?;
-            let engine = load_engine(m, LabelSource::Off, false)?;
-            let size = engine.image_size();
+            let m = ModelArgs {
+                weights: args.weights.clone().context("embed mode needs --weights")?,
+                model: crate::model::DEFAULT_MODEL,
+                device: args.device,
+                precision: args.precision,
+                torch_threads: None,
+            };
+            let engine = load_engine(&m, LabelSource::Off, false)?;
+            let pre = args.preprocess.preprocessor(engine.image_size());
             let pool = decode_pool(args.decode_threads)?;
             let batch = args.batch_size.max(1);
             // One warm-up batch so lazy libtorch initialisation is not timed.
             let warm: Vec<PreparedImage> = inputs
                 .iter()
                 .take(batch)
-                .map(|b| preprocess::prepare(b, None, size, &limits))
+                .map(|b| pre.prepare(b, None))
                 .collect::<Result<_, _>>()?;
             engine.embed_images(&warm.iter().collect::<Vec<_>>(), 5)?;
 
@@ -99,7 +122,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                         for chunk in work.chunks(batch) {
                             let prepared: Vec<PreparedImage> = chunk
                                 .par_iter()
-                                .filter_map(|b| preprocess::prepare(b, None, size, &limits).ok())
+                                .filter_map(|b| pre.prepare(b, None).ok())
                                 .collect();
                             if tx.send(prepared).is_err() {
                                 break;

@@ -13,10 +13,10 @@ use clap::Args;
 use rayon::prelude::*;
 use serde_json::json;
 
-use super::{LimitArgs, ModelArgs};
+use super::{ModelArgs, PreprocessArgs};
 use crate::engine::{Engine, EngineConfig, LabelSource};
 use crate::model::Placement;
-use crate::preprocess::{self, ImageFormat, Limits, PreparedImage};
+use crate::preprocess::{ImageFormat, PreparedImage, Preprocessor};
 
 #[derive(Args)]
 pub struct EmbedArgs {
@@ -41,7 +41,7 @@ pub struct EmbedArgs {
     #[arg(long = "text", value_name = "STRING")]
     pub texts: Vec<String>,
     #[command(flatten)]
-    pub limits: LimitArgs,
+    pub preprocess: PreprocessArgs,
     /// Image files.
     #[arg(value_name = "FILE")]
     pub files: Vec<PathBuf>,
@@ -56,14 +56,13 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<ExitCode> {
         labels_source(args.labels, args.labels_file.clone()),
         !args.texts.is_empty(),
     )?;
-    let limits = args.limits.limits();
     let pool = decode_pool(args.decode_threads)?;
     let model_name = engine.spec().name;
     let dims = engine.dimensions();
     let mut out = BufWriter::new(std::io::stdout().lock());
     let mut failed = 0usize;
 
-    let size = engine.image_size();
+    let pre = args.preprocess.preprocessor(engine.image_size());
     let batch_size = usize::from(args.batch_size);
     let files = args.files.clone();
     // Preparation of the next batch overlaps inference on this one.
@@ -73,7 +72,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<ExitCode> {
             for chunk in files.chunks(batch_size) {
                 let prepared: Vec<_> = chunk
                     .par_iter()
-                    .map(|f| (f.clone(), prepare_file(f, size, &limits)))
+                    .map(|f| (f.clone(), prepare_file(f, &pre)))
                     .collect();
                 if tx.send(prepared).is_err() {
                     break;
@@ -183,18 +182,18 @@ pub fn decode_pool(threads: Option<usize>) -> anyhow::Result<rayon::ThreadPool> 
 
 /// Reads (at most the byte limit, plus one to detect excess) and prepares one file. The declared
 /// type is the one its extension suggests; the bytes decide.
-pub fn prepare_file(path: &Path, size: u32, limits: &Limits) -> Result<PreparedImage, String> {
+pub fn prepare_file(path: &Path, pre: &Preprocessor) -> Result<PreparedImage, String> {
     let file =
         std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut bytes = Vec::new();
-    file.take(limits.max_bytes.saturating_add(1))
+    file.take(pre.limits.max_bytes.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let declared = path
         .extension()
         .and_then(|e| ImageFormat::from_extension(&e.to_string_lossy()))
         .map(|f| f.mime());
-    let img = preprocess::prepare(&bytes, declared, size, limits).map_err(|e| e.to_string())?;
+    let img = pre.prepare(&bytes, declared).map_err(|e| e.to_string())?;
     if let Some(m) = &img.mismatch {
         tracing::warn!(file = %path.display(), declared = %m.declared, actual = %m.actual, "declared type disagrees with the bytes; decoded as {}", m.actual);
     }

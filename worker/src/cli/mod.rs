@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::model::{DEFAULT_MODEL, DeviceChoice, ModelSpec, PrecisionChoice};
-use crate::preprocess::Limits;
+use crate::preprocess::{Limits, Preprocessor};
 
 #[derive(Parser)]
 #[command(
@@ -96,9 +96,9 @@ fn parse_precision(s: &str) -> Result<PrecisionChoice, String> {
     s.parse()
 }
 
-/// Per-image resource limits.
+/// Per-image resource limits and preprocessing options.
 #[derive(Args, Clone)]
-pub struct LimitArgs {
+pub struct PreprocessArgs {
     /// Largest encoded image accepted, in bytes.
     #[arg(long, env = "MAX_IMAGE_BYTES", default_value_t = Limits::default().max_bytes)]
     pub max_image_bytes: u64,
@@ -111,15 +111,24 @@ pub struct LimitArgs {
     /// Largest accepted ratio of the longer side to the shorter.
     #[arg(long, env = "MAX_ASPECT_RATIO", default_value_t = Limits::default().max_aspect_ratio)]
     pub max_aspect_ratio: f64,
+    /// Faster, approximate JPEG decoding (DCT-domain downscaling, like PIL's draft); off by default
+    /// because it is not pixel-equal to the reference.
+    #[arg(long, env = "JPEG_DRAFT", default_value_t = false)]
+    pub jpeg_draft: bool,
 }
 
-impl LimitArgs {
-    pub fn limits(&self) -> Limits {
-        Limits {
-            max_bytes: self.max_image_bytes,
-            max_pixels: self.max_image_pixels,
-            min_side: self.min_image_side.max(1),
-            max_aspect_ratio: self.max_aspect_ratio,
+impl PreprocessArgs {
+    /// The preprocessor for a model taking `size` x `size` images.
+    pub fn preprocessor(&self, size: u32) -> Preprocessor {
+        Preprocessor {
+            size,
+            limits: Limits {
+                max_bytes: self.max_image_bytes,
+                max_pixels: self.max_image_pixels,
+                min_side: self.min_image_side.max(1),
+                max_aspect_ratio: self.max_aspect_ratio,
+            },
+            jpeg_draft: self.jpeg_draft,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! premultiplied, CMYK in CMYK. Dimensions are read from the header and checked against the
 //! limits before any pixel buffer is allocated.
 
+use std::cell::RefCell;
 use std::io::Cursor;
 
 use image::{ColorType, ImageDecoder};
@@ -28,24 +29,82 @@ pub enum Pixels {
     Indexed(Vec<u8>),
 }
 
-/// A decoded image.
+/// A decoded image, or the part of it the centre crop needs.
 #[derive(Debug)]
 pub struct Decoded {
+    /// Size of `pixels`.
     pub width: u32,
     pub height: u32,
     pub pixels: Pixels,
+    /// Where `pixels` sit in the whole (possibly DCT-scaled) image, and that image's size: the
+    /// resize computes the reference's geometry on the whole image.
+    pub x0: u32,
+    pub y0: u32,
+    pub full_width: u32,
+    pub full_height: u32,
 }
 
-/// Decodes `bytes`, already identified as `format`.
+impl Decoded {
+    /// A decode of the whole image.
+    pub fn whole(width: u32, height: u32, pixels: Pixels) -> Self {
+        Decoded {
+            width,
+            height,
+            pixels,
+            x0: 0,
+            y0: 0,
+            full_width: width,
+            full_height: height,
+        }
+    }
+}
+
+/// Largest pixel buffer a decode thread keeps for reuse (a 12 MP RGB photo needs 36 MB).
+const RETAIN_BYTES: usize = 64 << 20;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer of `len` bytes, reusing this thread's previous one: faulting in a fresh 36 MB buffer
+/// for every photo costs more than resizing it. Contents are stale bytes, not zeros; every
+/// decoder below overwrites the whole buffer or fails.
+fn buffer(len: usize) -> Vec<u8> {
+    let mut v = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if v.len() >= len {
+        v.truncate(len);
+    } else {
+        v.resize(len, 0);
+    }
+    v
+}
+
+/// Hands a pixel buffer back for the next image on this thread.
+pub fn recycle(v: Vec<u8>) {
+    if v.capacity() <= RETAIN_BYTES {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            if v.capacity() > s.capacity() {
+                *s = v;
+            }
+        });
+    }
+}
+
+/// Decodes `bytes`, already identified as `format`, for a `size` x `size` centre crop. JPEGs are
+/// decoded only where the crop needs pixels; with `draft`, at a reduced DCT scale that still
+/// covers `size`.
 pub fn decode(
     bytes: &[u8],
     format: ImageFormat,
     limits: &Limits,
+    size: u32,
+    draft: bool,
 ) -> Result<Decoded, PreprocessError> {
     // Decoders are third-party code fed hostile input: a panic in one becomes an error for this
     // image, never a crash of the worker.
     std::panic::catch_unwind(|| match format {
-        ImageFormat::Jpeg => decode_jpeg(bytes, limits),
+        ImageFormat::Jpeg => decode_jpeg(bytes, limits, size, draft, true),
         ImageFormat::Png => decode_png(bytes, limits),
         ImageFormat::Gif => decode_gif(bytes, limits),
         ImageFormat::Bmp => decode_bmp(bytes, limits),
@@ -116,7 +175,7 @@ fn decode_with_image<D: ImageDecoder>(
         format,
         detail: "image does not fit in memory".into(),
     })?;
-    let mut buf = vec![0u8; total];
+    let mut buf = buffer(total);
     dec.read_image(&mut buf)
         .map_err(|e| image_error(format, e))?;
     let pixels = match color {
@@ -140,11 +199,7 @@ fn decode_with_image<D: ImageDecoder>(
             });
         }
     };
-    Ok(Decoded {
-        width,
-        height,
-        pixels,
-    })
+    Ok(Decoded::whole(width, height, pixels))
 }
 
 /// The high byte of each native-endian 16-bit sample.
@@ -163,48 +218,86 @@ fn take_channels(buf: &[u8], stride: usize, keep: usize) -> Vec<u8> {
 
 // ----------------------------------------------------------------------------------------- JPEG
 
-fn decode_jpeg(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError> {
-    use turbojpeg::{Colorspace, PixelFormat};
+/// `crop`: decode only the window the centre crop reads (always on; off only in the test that
+/// proves it changes nothing).
+fn decode_jpeg(
+    bytes: &[u8],
+    limits: &Limits,
+    size: u32,
+    draft: bool,
+    crop: bool,
+) -> Result<Decoded, PreprocessError> {
+    use super::jpeg::{self, Layout};
 
     let f = ImageFormat::Jpeg;
-    let mut dec = turbojpeg::Decompressor::new().map_err(|e| corrupt(f, e))?;
-    let header = dec.read_header(bytes).map_err(|e| corrupt(f, e))?;
-    let (width, height) = (header.width as u32, header.height as u32);
-    limits.check_dimensions(width, height)?;
+    let mut dec = jpeg::Decompressor::new().map_err(|e| corrupt(f, e))?;
+    let header = dec.header(bytes).map_err(|e| corrupt(f, e))?;
+    limits.check_dimensions(header.width as u32, header.height as u32)?;
     // PIL opens grey JPEGs as L, CMYK and YCCK ones as CMYK, everything else as RGB; libjpeg-turbo
     // with its defaults (ISLOW IDCT, fancy upsampling) is the decoder PIL uses.
-    let format = match header.colorspace {
-        Colorspace::Gray => PixelFormat::GRAY,
-        Colorspace::CMYK | Colorspace::YCCK => PixelFormat::CMYK,
-        _ => PixelFormat::RGB,
+    let layout = match header.colorspace {
+        jpeg::CS_GRAY => Layout::Gray,
+        jpeg::CS_CMYK | jpeg::CS_YCCK => Layout::Cmyk,
+        _ => Layout::Rgb,
     };
-    let (w, h) = (header.width, header.height);
-    let mut buf = vec![0u8; w * h * format.size()];
-    let image = turbojpeg::Image {
-        pixels: buf.as_mut_slice(),
-        width: w,
-        pitch: w * format.size(),
-        height: h,
-        format,
+    // Draft: the largest 1/d (d = 8, 4, 2) that keeps the shorter side at least twice `size`, so
+    // the bicubic resize still antialiases (PIL's draft stops at `size`, which costs parity).
+    let short = header.width.min(header.height);
+    let denom = if draft {
+        [8usize, 4, 2]
+            .into_iter()
+            .find(|d| short.div_ceil(*d) >= 2 * size as usize)
+            .unwrap_or(1)
+    } else {
+        1
     };
-    // TurboJPEG reports libjpeg warnings (premature end of data, corrupt entropy data) as errors:
-    // a truncated JPEG is refused, as PIL refuses it.
-    dec.decompress(bytes, image).map_err(|e| corrupt(f, e))?;
-    let pixels = match format {
-        PixelFormat::GRAY => Pixels::Gray(buf),
-        PixelFormat::CMYK => {
+    if denom > 1 {
+        dec.set_scale(denom).map_err(|e| corrupt(f, e))?;
+    }
+    let (full_w, full_h) = (header.width.div_ceil(denom), header.height.div_ceil(denom));
+    // Decode only the window the centre crop reads (its left edge on an iMCU boundary).
+    let window = super::resize::source_window(full_w as u32, full_h as u32, size);
+    let (mut x0, y0, x1, y1) = (
+        window.0 as usize,
+        window.1 as usize,
+        window.2 as usize,
+        window.3 as usize,
+    );
+    let cropped = match jpeg::Decompressor::imcu_width(header.subsamp, denom) {
+        Some(mcu) if crop && (x0, y0, x1, y1) != (0, 0, full_w, full_h) => {
+            x0 -= x0 % mcu;
+            dec.set_crop(x0, y0, x1 - x0, y1 - y0).is_ok()
+        }
+        _ => false,
+    };
+    let (x0, y0, w, h) = if cropped {
+        (x0, y0, x1 - x0, y1 - y0)
+    } else {
+        (0, 0, full_w, full_h)
+    };
+    let mut buf = buffer(w * h * layout.channels());
+    // Warnings (truncated or corrupt data) are errors: the JPEG is refused, as PIL refuses it.
+    dec.decompress(bytes, &mut buf, w, layout)
+        .map_err(|e| corrupt(f, e))?;
+    let pixels = match layout {
+        Layout::Gray => Pixels::Gray(buf),
+        Layout::Cmyk => {
             // Adobe CMYK JPEGs store inverted ink values; PIL undoes that (rawmode CMYK;I).
             if has_adobe_marker(bytes) {
                 buf.iter_mut().for_each(|v| *v = 255 - *v);
             }
             Pixels::Cmyk(buf)
         }
-        _ => Pixels::Rgb(buf),
+        Layout::Rgb => Pixels::Rgb(buf),
     };
     Ok(Decoded {
-        width,
-        height,
+        width: w as u32,
+        height: h as u32,
         pixels,
+        x0: x0 as u32,
+        y0: y0 as u32,
+        full_width: full_w as u32,
+        full_height: full_h as u32,
     })
 }
 
@@ -320,18 +413,10 @@ fn decode_gif(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError>
             .collect(),
         // No palette at all: PIL shows the indices as grey levels (mode L).
         None => {
-            return Ok(Decoded {
-                width,
-                height,
-                pixels: Pixels::Gray(canvas),
-            });
+            return Ok(Decoded::whole(width, height, Pixels::Gray(canvas)));
         }
     };
-    Ok(Decoded {
-        width,
-        height,
-        pixels: Pixels::Indexed(rgb),
-    })
+    Ok(Decoded::whole(width, height, Pixels::Indexed(rgb)))
 }
 
 // ------------------------------------------------------------------------------------------ BMP
@@ -410,31 +495,19 @@ fn decode_pcx(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError>
                 .enumerate()
                 .all(|(i, c)| c == [i as u8; 3])
         {
-            return Ok(Decoded {
-                width,
-                height,
-                pixels: Pixels::Gray(idx),
-            });
+            return Ok(Decoded::whole(width, height, Pixels::Gray(idx)));
         }
         let rgb = idx
             .iter()
             .flat_map(|&i| pal[usize::from(i) * 3..][..3].to_vec())
             .collect();
-        Ok(Decoded {
-            width,
-            height,
-            pixels: Pixels::Indexed(rgb),
-        })
+        Ok(Decoded::whole(width, height, Pixels::Indexed(rgb)))
     } else {
-        let mut rgb = vec![0u8; w * h * 3];
+        let mut rgb = buffer(w * h * 3);
         for row in rgb.chunks_exact_mut(w * 3) {
             r.next_row_rgb(row).map_err(|e| corrupt(f, e))?;
         }
-        Ok(Decoded {
-            width,
-            height,
-            pixels: Pixels::Rgb(rgb),
-        })
+        Ok(Decoded::whole(width, height, Pixels::Rgb(rgb)))
     }
 }
 
@@ -453,6 +526,65 @@ mod tests {
         ];
         assert!(!has_adobe_marker(&no));
         assert!(!has_adobe_marker(&[0xFF, 0xD8, 0xFF]));
+    }
+
+    /// A JPEG with detail everywhere (gradients plus a deterministic pattern).
+    fn test_jpeg(w: usize, h: usize, subsamp: turbojpeg::Subsamp) -> Vec<u8> {
+        let pixels: Vec<u8> = (0..w * h * 3)
+            .map(|i| {
+                let (p, c) = (i / 3, i % 3);
+                let (x, y) = (p % w, p / w);
+                ((x * (c + 1) + y * 3 + (x * y) % 97 * 2) % 256) as u8
+            })
+            .collect();
+        let img = turbojpeg::Image {
+            pixels: pixels.as_slice(),
+            width: w,
+            pitch: w * 3,
+            height: h,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        turbojpeg::compress(img, 90, subsamp)
+            .expect("encode")
+            .to_vec()
+    }
+
+    #[test]
+    fn decoding_only_the_crop_window_changes_nothing() {
+        use super::super::resize::resize_crop;
+        let limits = Limits::default();
+        for (w, h, ss) in [
+            (1000, 700, turbojpeg::Subsamp::Sub2x2),
+            (700, 1000, turbojpeg::Subsamp::Sub2x2),
+            (1237, 611, turbojpeg::Subsamp::None),
+            (300, 2000, turbojpeg::Subsamp::Sub2x1),
+            (230, 225, turbojpeg::Subsamp::Sub2x2),
+        ] {
+            let jpeg = test_jpeg(w, h, ss);
+            let cropped = decode_jpeg(&jpeg, &limits, 224, false, true).unwrap();
+            assert!(
+                cropped.width < cropped.full_width
+                    || cropped.height < cropped.full_height
+                    || w < 400,
+                "{w}x{h} was not cropped"
+            );
+            let whole = decode_jpeg(&jpeg, &limits, 224, false, false).unwrap();
+            assert_eq!(
+                resize_crop(cropped, 224).unwrap(),
+                resize_crop(whole, 224).unwrap(),
+                "{w}x{h}"
+            );
+        }
+    }
+
+    #[test]
+    fn draft_keeps_twice_the_input_size() {
+        let jpeg = test_jpeg(2000, 1000, turbojpeg::Subsamp::Sub2x2);
+        let d = decode_jpeg(&jpeg, &Limits::default(), 224, true, false).unwrap();
+        // 1/2 leaves a 500 px short side (>= 448); 1/4 would leave 250.
+        assert_eq!((d.full_width, d.full_height), (1000, 500));
+        let exact = decode_jpeg(&jpeg, &Limits::default(), 224, false, false).unwrap();
+        assert_eq!(exact.full_width, 2000);
     }
 
     #[test]

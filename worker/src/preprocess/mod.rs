@@ -7,6 +7,7 @@
 
 mod decode;
 pub mod format;
+mod jpeg;
 mod resize;
 
 pub use format::{ImageFormat, supported_mime_types};
@@ -143,47 +144,70 @@ impl PreparedImage {
     }
 }
 
-/// Detects, decodes, resizes and crops `bytes` to `size` x `size`.
-///
-/// `declared` is the MIME type the event (or file extension) claims; it is not trusted: the
-/// bytes decide the format, and a disagreement is reported in [`PreparedImage::mismatch`].
-pub fn prepare(
-    bytes: &[u8],
-    declared: Option<&str>,
-    size: u32,
-    limits: &Limits,
-) -> Result<PreparedImage, PreprocessError> {
-    if bytes.is_empty() {
-        return Err(PreprocessError::Empty);
+/// How images are prepared for one model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preprocessor {
+    /// Side of the square the model takes (224 for the supported models).
+    pub size: u32,
+    pub limits: Limits,
+    /// Opt-in speed mode: decode large JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain (as PIL's
+    /// `draft` does) when the scaled image still covers `size`. Faster on big photos; no longer
+    /// pixel-equal to the reference (see BENCHMARKS.md for its parity).
+    pub jpeg_draft: bool,
+}
+
+impl Preprocessor {
+    /// Reference-exact preprocessing at `size` with default limits.
+    pub fn new(size: u32) -> Self {
+        Preprocessor {
+            size,
+            limits: Limits::default(),
+            jpeg_draft: false,
+        }
     }
-    if bytes.len() as u64 > limits.max_bytes {
-        return Err(PreprocessError::TooManyBytes {
-            size: bytes.len() as u64,
-            limit: limits.max_bytes,
+
+    /// Detects, decodes, resizes and crops `bytes` to `size` x `size`.
+    ///
+    /// `declared` is the MIME type the event (or file extension) claims; it is not trusted: the
+    /// bytes decide the format, and a disagreement is reported in [`PreparedImage::mismatch`].
+    pub fn prepare(
+        &self,
+        bytes: &[u8],
+        declared: Option<&str>,
+    ) -> Result<PreparedImage, PreprocessError> {
+        let limits = &self.limits;
+        if bytes.is_empty() {
+            return Err(PreprocessError::Empty);
+        }
+        if bytes.len() as u64 > limits.max_bytes {
+            return Err(PreprocessError::TooManyBytes {
+                size: bytes.len() as u64,
+                limit: limits.max_bytes,
+            });
+        }
+        let format = ImageFormat::sniff(bytes).ok_or_else(|| PreprocessError::NotAnImage {
+            declared: declared.unwrap_or("nothing").to_string(),
+            magic: format::describe_magic(bytes),
+        })?;
+        let mismatch = declared.and_then(|d| match ImageFormat::from_mime(d) {
+            Some(f) if f == format => None,
+            _ => Some(TypeMismatch {
+                declared: d.to_string(),
+                actual: format,
+            }),
         });
+        let img = decode::decode(bytes, format, limits, self.size, self.jpeg_draft)?;
+        let (width, height) = (img.full_width, img.full_height);
+        let rgb = resize::resize_crop(img, self.size).map_err(PreprocessError::Resize)?;
+        Ok(PreparedImage {
+            format,
+            width,
+            height,
+            rgb,
+            size: self.size,
+            mismatch,
+        })
     }
-    let format = ImageFormat::sniff(bytes).ok_or_else(|| PreprocessError::NotAnImage {
-        declared: declared.unwrap_or("nothing").to_string(),
-        magic: format::describe_magic(bytes),
-    })?;
-    let mismatch = declared.and_then(|d| match ImageFormat::from_mime(d) {
-        Some(f) if f == format => None,
-        _ => Some(TypeMismatch {
-            declared: d.to_string(),
-            actual: format,
-        }),
-    });
-    let img = decode::decode(bytes, format, limits)?;
-    let (width, height) = (img.width, img.height);
-    let rgb = resize::resize_crop(img, size).map_err(PreprocessError::Resize)?;
-    Ok(PreparedImage {
-        format,
-        width,
-        height,
-        rgb,
-        size,
-        mismatch,
-    })
 }
 
 #[cfg(test)]
@@ -214,17 +238,31 @@ mod tests {
     fn empty_and_foreign_bytes_are_named() {
         let l = Limits::default();
         assert_eq!(
-            prepare(b"", Some("image/png"), 224, &l).unwrap_err(),
+            Preprocessor {
+                limits: l,
+                ..Preprocessor::new(224)
+            }
+            .prepare(b"", Some("image/png"))
+            .unwrap_err(),
             PreprocessError::Empty
         );
-        let e = prepare(b"%PDF-1.7 not an image", Some("image/jpeg"), 224, &l).unwrap_err();
+        let e = Preprocessor {
+            limits: l,
+            ..Preprocessor::new(224)
+        }
+        .prepare(b"%PDF-1.7 not an image", Some("image/jpeg"))
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             "not a supported image: the bytes are not BMP, GIF, JPEG, PNG, TIFF, WebP or PCX (declared image/jpeg; they start with \"%PDF-1.7\")"
         );
         let small = Limits { max_bytes: 4, ..l };
         assert!(matches!(
-            prepare(b"12345", None, 224, &small),
+            Preprocessor {
+                limits: small,
+                ..Preprocessor::new(224)
+            }
+            .prepare(b"12345", None),
             Err(PreprocessError::TooManyBytes { .. })
         ));
     }

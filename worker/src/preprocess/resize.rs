@@ -59,83 +59,160 @@ impl Geometry {
     }
 }
 
+/// The part of a `width` x `height` image that resize-then-crop to `size` reads: every tap of the
+/// bicubic kernel (support 2, widened by the scale factor) of every kept output pixel, plus one
+/// pixel of margin, clamped to the image. Returns `(x0, y0, x1, y1)`, end exclusive.
+pub fn source_window(width: u32, height: u32, size: u32) -> (u32, u32, u32, u32) {
+    let g = Geometry::new(width, height, size);
+    let (x0, x1) = axis_window(width, g.resized_w, g.left, size);
+    let (y0, y1) = axis_window(height, g.resized_h, g.top, size);
+    (x0, y0, x1, y1)
+}
+
+fn axis_window(len: u32, resized: u32, offset: u32, size: u32) -> (u32, u32) {
+    let scale = f64::from(len) / f64::from(resized);
+    let support = 2.0 * scale.max(1.0);
+    let first_centre = (f64::from(offset) + 0.5) * scale;
+    let last_centre = (f64::from(offset + size) - 0.5) * scale;
+    let start = (first_centre - support).floor() - 1.0;
+    let end = (last_centre + support).ceil() + 1.0;
+    (start.max(0.0) as u32, (end.max(0.0) as u32).min(len))
+}
+
 /// Resizes and crops a decoded image to `size` x `size` RGB (interleaved, row-major).
 pub fn resize_crop(img: Decoded, size: u32) -> Result<Vec<u8>, String> {
-    let g = Geometry::new(img.width, img.height, size);
-    let (w, h) = (img.width, img.height);
-    Ok(match img.pixels {
-        Pixels::Rgb(p) => bicubic(&p, w, h, PixelType::U8x3, &g)?,
-        Pixels::Gray(p) => bicubic(&p, w, h, PixelType::U8, &g)?
-            .iter()
-            .flat_map(|&v| [v, v, v])
-            .collect(),
+    let g = Geometry::new(img.full_width, img.full_height, size);
+    let src = Source {
+        w: img.width,
+        h: img.height,
+        x0: img.x0,
+        y0: img.y0,
+        full_w: img.full_width,
+        full_h: img.full_height,
+    };
+    let w = &src;
+    let (out, source) = match img.pixels {
+        Pixels::Rgb(p) => (bicubic(&p, w, PixelType::U8x3, &g)?, p),
+        Pixels::Gray(p) => (
+            bicubic(&p, w, PixelType::U8, &g)?
+                .iter()
+                .flat_map(|&v| [v, v, v])
+                .collect(),
+            p,
+        ),
         Pixels::Rgba(mut p) => {
             premultiply(&mut p, 4);
-            let out = bicubic(&p, w, h, PixelType::U8x4, &g)?;
-            out.chunks_exact(4)
-                .flat_map(|px| unpremultiplied_rgb(px[..3].try_into().unwrap_or([0; 3]), px[3]))
-                .collect()
+            let out = bicubic(&p, w, PixelType::U8x4, &g)?;
+            let rgb = out
+                .chunks_exact(4)
+                .flat_map(|px| unpremultiplied_rgb([px[0], px[1], px[2]], px[3]))
+                .collect();
+            (rgb, p)
         }
         Pixels::GrayAlpha(mut p) => {
             premultiply(&mut p, 2);
-            let out = bicubic(&p, w, h, PixelType::U8x2, &g)?;
-            out.chunks_exact(2)
-                .flat_map(|px| unpremultiplied_rgb([px[0]; 3], px[1]))
-                .collect()
+            let out = bicubic(&p, w, PixelType::U8x2, &g)?;
+            (
+                out.chunks_exact(2)
+                    .flat_map(|px| unpremultiplied_rgb([px[0]; 3], px[1]))
+                    .collect(),
+                p,
+            )
         }
         Pixels::Cmyk(p) => {
-            let out = bicubic(&p, w, h, PixelType::U8x4, &g)?;
-            out.chunks_exact(4)
-                .flat_map(|px| cmyk_to_rgb([px[0], px[1], px[2], px[3]]))
-                .collect()
+            let out = bicubic(&p, w, PixelType::U8x4, &g)?;
+            (
+                out.chunks_exact(4)
+                    .flat_map(|px| cmyk_to_rgb([px[0], px[1], px[2], px[3]]))
+                    .collect(),
+                p,
+            )
         }
-        Pixels::Indexed(p) => nearest(&p, w, h, &g),
-    })
+        Pixels::Indexed(p) => (nearest(&p, w, &g), p),
+    };
+    super::decode::recycle(source);
+    Ok(out)
+}
+
+/// The decoded pixels and where they sit in the whole image.
+struct Source {
+    w: u32,
+    h: u32,
+    x0: u32,
+    y0: u32,
+    full_w: u32,
+    full_h: u32,
+}
+
+/// Per-thread resizer state: the resizer's buffers and the intermediate (`size` x rows) image are
+/// reused from one image to the next instead of being faulted in again each time.
+struct Scratch {
+    resizer: Resizer,
+    mid: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch { resizer: Resizer::new(), mid: Vec::new() });
 }
 
 /// Two single-axis passes, horizontal first, each over the crop window only.
-fn bicubic(src: &[u8], w: u32, h: u32, pt: PixelType, g: &Geometry) -> Result<Vec<u8>, String> {
-    let s = g.size;
-    let opts = ResizeOptions::new()
-        .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
-        .use_alpha(false);
-    let mut resizer = Resizer::new();
+fn bicubic(pixels: &[u8], src: &Source, pt: PixelType, g: &Geometry) -> Result<Vec<u8>, String> {
+    SCRATCH.with(|scratch| {
+        let Scratch { resizer, mid } = &mut *scratch.borrow_mut();
+        let s = g.size;
+        let opts = ResizeOptions::new()
+            .resize_alg(ResizeAlg::Convolution(FilterType::CatmullRom))
+            .use_alpha(false);
 
-    let src = ImageRef::new(w, h, src, pt).map_err(|e| e.to_string())?;
-    let scale_x = f64::from(w) / f64::from(g.resized_w);
-    let (x0, span_x) = window(g.left, s, scale_x, w);
-    let mut mid = Image::new(s, h, pt);
-    resizer
-        .resize(&src, &mut mid, &opts.crop(x0, 0.0, span_x, f64::from(h)))
-        .map_err(|e| e.to_string())?;
+        let image = ImageRef::new(src.w, src.h, pixels, pt).map_err(|e| e.to_string())?;
+        let scale_x = f64::from(src.full_w) / f64::from(g.resized_w);
+        let (x, span_x) = window(g.left, s, scale_x, src.x0, src.w);
+        mid.resize(s as usize * src.h as usize * pt.size(), 0);
+        let mut mid_image = Image::from_slice_u8(s, src.h, mid, pt).map_err(|e| e.to_string())?;
+        resizer
+            .resize(
+                &image,
+                &mut mid_image,
+                &opts.crop(x, 0.0, span_x, f64::from(src.h)),
+            )
+            .map_err(|e| e.to_string())?;
 
-    let scale_y = f64::from(h) / f64::from(g.resized_h);
-    let (y0, span_y) = window(g.top, s, scale_y, h);
-    let mut out = Image::new(s, s, pt);
-    resizer
-        .resize(&mid, &mut out, &opts.crop(0.0, y0, f64::from(s), span_y))
-        .map_err(|e| e.to_string())?;
-    Ok(out.into_vec())
+        let scale_y = f64::from(src.full_h) / f64::from(g.resized_h);
+        let (y, span_y) = window(g.top, s, scale_y, src.y0, src.h);
+        let mut out = Image::new(s, s, pt);
+        resizer
+            .resize(
+                &mid_image,
+                &mut out,
+                &opts.crop(0.0, y, f64::from(s), span_y),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(out.into_vec())
+    })
 }
 
-/// The source interval `[offset * scale, (offset + size) * scale)`, kept inside the image when
-/// floating-point rounding would push it out by an ulp.
-fn window(offset: u32, size: u32, scale: f64, len: u32) -> (f64, f64) {
-    let start = f64::from(offset) * scale;
+/// The source interval `[offset * scale, (offset + size) * scale)` in the coordinates of decoded
+/// pixels that start at `origin`, kept inside them when floating-point rounding would push it
+/// out by an ulp.
+fn window(offset: u32, size: u32, scale: f64, origin: u32, len: u32) -> (f64, f64) {
+    let start = f64::from(offset) * scale - f64::from(origin);
     let span = (f64::from(size) * scale).min(f64::from(len) - start);
     (start, span)
 }
 
 /// PIL's nearest neighbour (`ImagingScaleAffine`): source coordinate accumulated in doubles from
 /// `scale / 2` and truncated, then the crop.
-fn nearest(rgb: &[u8], w: u32, h: u32, g: &Geometry) -> Vec<u8> {
-    let cols = nearest_coords(w, g.resized_w, g.left, g.size);
-    let rows = nearest_coords(h, g.resized_h, g.top, g.size);
+fn nearest(rgb: &[u8], src: &Source, g: &Geometry) -> Vec<u8> {
+    let local =
+        |c: usize, origin: u32, len: u32| c.saturating_sub(origin as usize).min(len as usize - 1);
+    let cols = nearest_coords(src.full_w, g.resized_w, g.left, g.size);
+    let rows = nearest_coords(src.full_h, g.resized_h, g.top, g.size);
     let mut out = Vec::with_capacity((g.size * g.size * 3) as usize);
     for &y in &rows {
-        let row = &rgb[y * w as usize * 3..];
+        let row = &rgb[local(y, src.y0, src.h) * src.w as usize * 3..];
         for &x in &cols {
-            out.extend_from_slice(&row[x * 3..x * 3 + 3]);
+            let x = local(x, src.x0, src.w) * 3;
+            out.extend_from_slice(&row[x..x + 3]);
         }
     }
     out
@@ -254,15 +331,7 @@ mod tests {
             Pixels::Cmyk(vec![7; n * 4]),
             Pixels::Indexed(vec![7; n * 3]),
         ] {
-            let out = resize_crop(
-                Decoded {
-                    width: w,
-                    height: h,
-                    pixels,
-                },
-                224,
-            )
-            .unwrap();
+            let out = resize_crop(Decoded::whole(w, h, pixels), 224).unwrap();
             assert_eq!(out.len(), 224 * 224 * 3);
         }
     }
@@ -271,11 +340,7 @@ mod tests {
     fn a_flat_image_stays_flat() {
         // Bicubic weights sum to one: a constant image must come out unchanged.
         let out = resize_crop(
-            Decoded {
-                width: 640,
-                height: 480,
-                pixels: Pixels::Rgb(vec![93; 640 * 480 * 3]),
-            },
+            Decoded::whole(640, 480, Pixels::Rgb(vec![93; 640 * 480 * 3])),
             224,
         )
         .unwrap();
