@@ -53,7 +53,7 @@ fmt:
 	$(CARGO) fmt --all
 
 demo: build fixtures
-	@bash scripts/demo.sh
+	$(PY) scripts/demo.py
 
 bench: build fixtures
 	$(PY) tests/bench/bench.py --worker target/release/clip-worker --fixtures $(FIXTURES)

@@ -4,11 +4,16 @@
 //! * [`model`]: the CLIP towers on `tch`, loaded from a Hugging Face checkpoint directory.
 //! * [`tokenizer`], [`labels`]: text side and zero-shot keywords.
 //! * [`engine`]: the three together, batched.
+//! * [`event`], [`aws`], [`weights`], [`service`]: the queue worker (`clip-worker serve`).
 //! * [`cli`]: the `clip-worker` command line.
 
+pub mod aws;
 pub mod cli;
 pub mod engine;
+pub mod event;
 pub mod labels;
 pub mod model;
 pub mod preprocess;
+pub mod service;
 pub mod tokenizer;
+pub mod weights;

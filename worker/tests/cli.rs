@@ -201,3 +201,30 @@ fn nothing_to_do_is_an_error() {
     assert!(lines.is_empty());
     assert!(stderr.contains("nothing to embed"), "{stderr}");
 }
+
+#[test]
+fn serve_reads_every_variable_of_the_contract() {
+    // clap prints `[env: NAME=...]` for every flag backed by a variable.
+    let out = Command::new(env!("CARGO_BIN_EXE_clip-worker"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    let mut read: Vec<&str> = help
+        .match_indices("[env: ")
+        .map(|(i, _)| {
+            let rest = &help[i + 6..];
+            &rest[..rest.find(['=', ']']).unwrap()]
+        })
+        .collect();
+    read.sort();
+    read.dedup();
+    // AWS_ENDPOINT_URL is read by the AWS SDK itself, not by a flag.
+    let mut want: Vec<&str> = clip_contract::env::ALL
+        .iter()
+        .copied()
+        .filter(|v| *v != "AWS_ENDPOINT_URL")
+        .collect();
+    want.sort();
+    assert_eq!(read, want);
+}

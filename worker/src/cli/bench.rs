@@ -12,7 +12,8 @@ use clap::{Args, ValueEnum};
 use rayon::prelude::*;
 use serde_json::json;
 
-use super::embed::{decode_pool, load_engine};
+use super::decode_pool;
+use super::embed::load_engine;
 use super::{ModelArgs, PreprocessArgs};
 use crate::engine::LabelSource;
 use crate::preprocess::PreparedImage;

@@ -26,16 +26,16 @@ pub struct EmbedArgs {
     #[arg(long)]
     pub labels: bool,
     /// Label vocabulary file, one label per line (implies --labels).
-    #[arg(long, env = "LABELS_FILE", value_name = "PATH")]
+    #[arg(long, env = clip_contract::env::LABELS_FILE, value_name = "PATH")]
     pub labels_file: Option<PathBuf>,
     /// Number of keywords per image.
     #[arg(long, default_value_t = 5)]
     pub top_k: usize,
     /// Images per forward pass.
-    #[arg(long, env = "BATCH_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    #[arg(long, env = clip_contract::env::BATCH_SIZE, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub batch_size: u16,
     /// Threads that decode and preprocess (default: one per core).
-    #[arg(long, env = "DECODE_THREADS")]
+    #[arg(long, env = clip_contract::env::DECODE_THREADS)]
     pub decode_threads: Option<usize>,
     /// A text query to embed too (repeatable); one line each, after the images.
     #[arg(long = "text", value_name = "STRING")]
@@ -56,7 +56,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<ExitCode> {
         labels_source(args.labels, args.labels_file.clone()),
         !args.texts.is_empty(),
     )?;
-    let pool = decode_pool(args.decode_threads)?;
+    let pool = super::decode_pool(args.decode_threads)?;
     let model_name = engine.spec().name;
     let dims = engine.dimensions();
     let mut out = BufWriter::new(std::io::stdout().lock());
@@ -168,16 +168,6 @@ pub fn load_engine(
     };
     Engine::load(&cfg)
         .with_context(|| format!("cannot load the model from {}", m.weights.display()))
-}
-
-/// The thread pool that decodes and preprocesses.
-pub fn decode_pool(threads: Option<usize>) -> anyhow::Result<rayon::ThreadPool> {
-    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n.max(1))
-        .thread_name(|i| format!("decode-{i}"))
-        .build()
-        .context("cannot start the decode threads")
 }
 
 /// Reads (at most the byte limit, plus one to detect excess) and prepares one file. The declared

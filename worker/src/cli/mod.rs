@@ -3,6 +3,7 @@
 
 mod bench;
 mod embed;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,10 @@ struct Cli {
 enum Command {
     /// Embed image files (and optional text queries); one JSON line per input on stdout.
     Embed(embed::EmbedArgs),
+    /// Consume Lakechain events from SQS: embed, write vectors to S3, publish to SNS.
+    Serve(Box<serve::ServeArgs>),
+    /// Download the model weights into the cache once (the cluster's cache-warm Job).
+    FetchWeights(serve::FetchWeightsArgs),
     /// Measure preprocessing and end-to-end throughput on files (used by `make bench`).
     Bench(bench::BenchArgs),
 }
@@ -38,10 +43,10 @@ enum Command {
 #[derive(Args, Clone)]
 pub struct LogArgs {
     /// Log format on stderr.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(long, env = clip_contract::env::LOG_FORMAT, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
     /// Log filter (`info`, `debug`, `clip_worker=debug,info`, ...).
-    #[arg(long, env = "LOG_LEVEL", default_value = "info", global = true)]
+    #[arg(long, env = clip_contract::env::LOG_LEVEL, default_value = "info", global = true)]
     pub log_level: String,
 }
 
@@ -70,29 +75,40 @@ impl LogArgs {
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// Directory with config.json, model.safetensors, vocab.json and merges.txt.
-    #[arg(long = "weights", env = "CLIP_WEIGHTS_DIR", value_name = "DIR")]
+    #[arg(long = "weights", env = clip_contract::env::CLIP_WEIGHTS_DIR, value_name = "DIR")]
     pub weights: PathBuf,
     /// Model name the vectors are labelled with: ViT-B/32, ViT-B/16 or ViT-L/14.
-    #[arg(long, env = "CLIP_MODEL", default_value_t = DEFAULT_MODEL, value_parser = parse_model)]
+    #[arg(long, env = clip_contract::env::CLIP_MODEL, default_value_t = DEFAULT_MODEL, value_parser = parse_model)]
     pub model: ModelSpec,
     /// Where inference runs: auto (CUDA when present), cpu or cuda.
-    #[arg(long, env = "CLIP_DEVICE", default_value = "auto", value_parser = parse_device)]
+    #[arg(long, env = clip_contract::env::CLIP_DEVICE, default_value = "auto", value_parser = parse_device)]
     pub device: DeviceChoice,
     /// Precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.
-    #[arg(long, env = "CLIP_PRECISION", default_value = "auto", value_parser = parse_precision)]
+    #[arg(long, env = clip_contract::env::CLIP_PRECISION, default_value = "auto", value_parser = parse_precision)]
     pub precision: PrecisionChoice,
     /// Intra-op threads for libtorch on the CPU (default: libtorch's choice, all cores).
-    #[arg(long, env = "TORCH_THREADS")]
+    #[arg(long, env = clip_contract::env::TORCH_THREADS)]
     pub torch_threads: Option<i32>,
 }
 
-fn parse_model(s: &str) -> Result<ModelSpec, String> {
+/// The thread pool that decodes and preprocesses (default: one thread per core).
+pub fn decode_pool(threads: Option<usize>) -> anyhow::Result<rayon::ThreadPool> {
+    use anyhow::Context;
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n.max(1))
+        .thread_name(|i| format!("decode-{i}"))
+        .build()
+        .context("cannot start the decode threads")
+}
+
+pub(crate) fn parse_model(s: &str) -> Result<ModelSpec, String> {
     s.parse()
 }
-fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+pub(crate) fn parse_device(s: &str) -> Result<DeviceChoice, String> {
     s.parse()
 }
-fn parse_precision(s: &str) -> Result<PrecisionChoice, String> {
+pub(crate) fn parse_precision(s: &str) -> Result<PrecisionChoice, String> {
     s.parse()
 }
 
@@ -100,20 +116,20 @@ fn parse_precision(s: &str) -> Result<PrecisionChoice, String> {
 #[derive(Args, Clone)]
 pub struct PreprocessArgs {
     /// Largest encoded image accepted, in bytes.
-    #[arg(long, env = "MAX_IMAGE_BYTES", default_value_t = Limits::default().max_bytes)]
+    #[arg(long, env = clip_contract::env::MAX_IMAGE_BYTES, default_value_t = Limits::default().max_bytes)]
     pub max_image_bytes: u64,
     /// Largest decoded image accepted, in pixels (checked from the header before decoding).
-    #[arg(long, env = "MAX_IMAGE_PIXELS", default_value_t = Limits::default().max_pixels)]
+    #[arg(long, env = clip_contract::env::MAX_IMAGE_PIXELS, default_value_t = Limits::default().max_pixels)]
     pub max_image_pixels: u64,
     /// Smallest accepted shorter side, in pixels.
-    #[arg(long, env = "MIN_IMAGE_SIDE", default_value_t = Limits::default().min_side)]
+    #[arg(long, env = clip_contract::env::MIN_IMAGE_SIDE, default_value_t = Limits::default().min_side)]
     pub min_image_side: u32,
     /// Largest accepted ratio of the longer side to the shorter.
-    #[arg(long, env = "MAX_ASPECT_RATIO", default_value_t = Limits::default().max_aspect_ratio)]
+    #[arg(long, env = clip_contract::env::MAX_ASPECT_RATIO, default_value_t = Limits::default().max_aspect_ratio)]
     pub max_aspect_ratio: f64,
     /// Faster, approximate JPEG decoding (DCT-domain downscaling, like PIL's draft); off by default
     /// because it is not pixel-equal to the reference.
-    #[arg(long, env = "JPEG_DRAFT", default_value_t = false)]
+    #[arg(long, env = clip_contract::env::JPEG_DRAFT, default_value_t = false)]
     pub jpeg_draft: bool,
 }
 
@@ -139,6 +155,8 @@ pub fn main() -> ExitCode {
     cli.log.init();
     let result = match cli.command {
         Command::Embed(args) => embed::run(args),
+        Command::Serve(args) => serve::run(*args),
+        Command::FetchWeights(args) => serve::fetch_weights(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

@@ -5,7 +5,6 @@
 pub mod checkpoint;
 pub mod config;
 mod layers;
-pub mod spec;
 mod text;
 mod vision;
 
@@ -14,8 +13,8 @@ use std::str::FromStr;
 
 use tch::{Device, Kind, Tensor};
 
+pub use clip_contract::{DEFAULT_MODEL, MODELS, ModelSpec};
 pub use config::ClipConfig;
-pub use spec::{DEFAULT_MODEL, MODELS, ModelSpec};
 
 use checkpoint::Checkpoint;
 use text::TextTower;

@@ -1,0 +1,205 @@
+//! Prometheus metrics of `clip-worker serve` (`/metrics`). Names are part of the operations
+//! guide and the Grafana dashboard: change them there too.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// What became of a message.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum MessageOutcome {
+    /// Embedded, written, published, deleted.
+    Succeeded,
+    /// A `document-deleted` event, forwarded to the topic.
+    Forwarded,
+    /// A `document-created` event of a type the worker does not embed: acknowledged, not embedded.
+    Skipped,
+    /// Nothing to do (S3 test event).
+    Ignored,
+    /// Cannot succeed: sent to the failure queue or left to the dead-letter queue.
+    FailedPermanent,
+    /// Failed for now: made visible again later.
+    RetriedTransient,
+    /// Made visible again at once on shutdown.
+    Released,
+}
+
+impl MessageOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageOutcome::Succeeded => "succeeded",
+            MessageOutcome::Forwarded => "forwarded",
+            MessageOutcome::Skipped => "skipped",
+            MessageOutcome::Ignored => "ignored",
+            MessageOutcome::FailedPermanent => "failed_permanent",
+            MessageOutcome::RetriedTransient => "retried_transient",
+            MessageOutcome::Released => "released",
+        }
+    }
+}
+
+impl EncodeLabelValue for MessageOutcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: MessageOutcome,
+}
+
+/// Pipeline stages with a latency histogram.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Stage {
+    Fetch,
+    Preprocess,
+    Infer,
+    Write,
+    Publish,
+    Delete,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Fetch => "fetch",
+            Stage::Preprocess => "preprocess",
+            Stage::Infer => "infer",
+            Stage::Write => "write",
+            Stage::Publish => "publish",
+            Stage::Delete => "delete",
+        }
+    }
+}
+
+impl EncodeLabelValue for Stage {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    pub stage: Stage,
+}
+
+/// All metrics, registered once.
+pub struct Metrics {
+    pub registry: Registry,
+    pub messages: Family<OutcomeLabel, Counter>,
+    pub images_embedded: Counter,
+    pub images_failed: Counter,
+    pub batch_size: Histogram,
+    pub stage_seconds: Family<StageLabel, Histogram>,
+    pub queue_wait_seconds: Histogram,
+    pub in_flight: Gauge,
+    pub ready: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("clip_worker");
+        let messages = Family::<OutcomeLabel, Counter>::default();
+        registry.register("messages", "Messages handled, by outcome", messages.clone());
+        let images_embedded = Counter::default();
+        registry.register(
+            "images_embedded",
+            "Images embedded and written",
+            images_embedded.clone(),
+        );
+        let images_failed = Counter::default();
+        registry.register(
+            "images_failed",
+            "Images that could not be embedded",
+            images_failed.clone(),
+        );
+        let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
+        registry.register("batch_size", "Images per forward pass", batch_size.clone());
+        let stage_seconds = Family::<StageLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 16))
+        });
+        registry.register(
+            "stage_seconds",
+            "Latency of each pipeline stage",
+            stage_seconds.clone(),
+        );
+        let queue_wait_seconds = Histogram::new(exponential_buckets(0.1, 2.0, 16));
+        registry.register(
+            "queue_wait_seconds",
+            "Time from enqueue to receive",
+            queue_wait_seconds.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_messages",
+            "Messages received and not yet finished",
+            in_flight.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 when the model is loaded and the queue reachable",
+            ready.clone(),
+        );
+        Metrics {
+            registry,
+            messages,
+            images_embedded,
+            images_failed,
+            batch_size,
+            stage_seconds,
+            queue_wait_seconds,
+            in_flight,
+            ready,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn message(&self, outcome: MessageOutcome) {
+        self.messages.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    pub fn stage(&self, stage: Stage, seconds: f64) {
+        self.stage_seconds
+            .get_or_create(&StageLabel { stage })
+            .observe(seconds);
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_documented_names() {
+        let m = Metrics::default();
+        m.message(MessageOutcome::Succeeded);
+        m.message(MessageOutcome::FailedPermanent);
+        m.stage(Stage::Infer, 0.02);
+        m.batch_size.observe(8.0);
+        let text = m.encode();
+        for name in [
+            "clip_worker_messages_total{outcome=\"succeeded\"} 1",
+            "clip_worker_messages_total{outcome=\"failed_permanent\"} 1",
+            "clip_worker_stage_seconds_bucket{le=\"0.001\",stage=\"infer\"}",
+            "clip_worker_batch_size_count 1",
+            "clip_worker_images_embedded_total 0",
+            "clip_worker_in_flight_messages 0",
+            "clip_worker_ready 0",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+}
