@@ -18,13 +18,14 @@ export CLIP_FIXTURES := $(FIXTURES)
 CARGO ?= cargo
 CARGO_FLAGS := --release --locked
 
-.PHONY: help setup venv sysdeps build fixtures test test-rust lint fmt clippy demo bench clean
+.PHONY: help setup venv sysdeps build fixtures test test-rust validate-manifests lint fmt clippy demo bench crd clean
 
 help:
 	@echo "make test    build everything and run every test (what CI runs)"
 	@echo "make demo    embed the sample photos with clip-worker (see README)"
 	@echo "make bench   throughput vs the Python reference; see BENCHMARKS.md"
 	@echo "make lint    cargo fmt --check + clippy -D warnings"
+	@echo "make crd     regenerate crds/ from the Rust types"
 
 setup: sysdeps venv
 
@@ -40,10 +41,19 @@ build: setup
 fixtures: venv
 	$(PY) tests/fixtures/make_fixtures.py $(FIXTURES)
 
-test: lint test-rust
+test: lint test-rust validate-manifests
 
 test-rust: build fixtures
 	$(CARGO) test $(CARGO_FLAGS) --workspace
+
+# Every object `clip-operator render` emits for examples/, against the Kubernetes schemas and the
+# upstream Karpenter/KEDA CRDs.
+validate-manifests: build
+	$(PY) tests/k8s/validate_manifests.py --operator target/release/clip-operator
+
+# Regenerates crds/ from the Rust types (a test fails when the committed file is stale).
+crd: build
+	target/release/clip-operator crd > crds/clipprocessors.lakechain.dev.yaml
 
 lint: setup
 	$(CARGO) fmt --all -- --check

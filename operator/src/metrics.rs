@@ -1,0 +1,152 @@
+//! Prometheus metrics of the operator (`/metrics`): reconciles, failures, durations, per-processor
+//! conditions, scaler decisions and the queue depth it saw.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProcessorLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub namespace: String,
+    pub name: String,
+    pub condition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub namespace: String,
+    pub name: String,
+    pub state: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconciles: Counter,
+    pub failures: Family<ErrorLabels, Counter>,
+    pub duration: Histogram,
+    pub condition: Family<ConditionLabels, Gauge>,
+    pub decisions: Family<DecisionLabels, Counter>,
+    pub desired_replicas: Family<ProcessorLabels, Gauge>,
+    pub queue_messages: Family<QueueLabels, Gauge>,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("clip_operator");
+        let reconciles = Counter::default();
+        registry.register("reconciles", "Reconciliations run", reconciles.clone());
+        let failures = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "reconcile_failures",
+            "Reconciliations that failed, by error kind",
+            failures.clone(),
+        );
+        let duration = Histogram::new(exponential_buckets(0.01, 2.0, 13));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time of one reconciliation",
+            duration.clone(),
+        );
+        let condition = Family::<ConditionLabels, Gauge>::default();
+        registry.register(
+            "processor_condition",
+            "1 when the processor's condition is True",
+            condition.clone(),
+        );
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "scaler_decisions",
+            "Builtin scaler decisions that changed replicas",
+            decisions.clone(),
+        );
+        let desired_replicas = Family::<ProcessorLabels, Gauge>::default();
+        registry.register(
+            "desired_replicas",
+            "Workers the scaler asked for",
+            desired_replicas.clone(),
+        );
+        let queue_messages = Family::<QueueLabels, Gauge>::default();
+        registry.register(
+            "queue_messages",
+            "Queue depth the builtin scaler read",
+            queue_messages.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 on the replica holding the leader lease",
+            leader.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            condition,
+            decisions,
+            desired_replicas,
+            queue_messages,
+            leader,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Drops a deleted processor's series.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        for c in [
+            "Ready",
+            "Progressing",
+            "Degraded",
+            "CacheReady",
+            "NodePoolReady",
+            "ScalerReady",
+            "WorkersAvailable",
+        ] {
+            self.condition.remove(&ConditionLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                condition: c.into(),
+            });
+        }
+        self.desired_replicas.remove(&ProcessorLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+        });
+        for state in ["visible", "in_flight"] {
+            self.queue_messages.remove(&QueueLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                state: state.into(),
+            });
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The only place that writes children: server-side apply with one field manager, controller
+//! owner references on namespaced children, deletion of children the spec no longer wants.
+
+use std::fmt::Debug;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::build::FIELD_MANAGER;
+
+/// Field manager of the one-time creation of the Deployment at zero replicas: a different
+/// manager from the applies, so dropping `replicas` from later applies leaves the count alone.
+pub const CREATE_MANAGER: &str = "clip-operator-create";
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+/// Server-side applies a namespaced child owned by the processor.
+pub async fn apply_owned<K>(
+    client: &Client,
+    namespace: &str,
+    mut obj: K,
+    owner: &OwnerReference,
+) -> Result<K, kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    obj.meta_mut().owner_references = Some(vec![owner.clone()]);
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    api.patch(&obj.name_any(), &apply_params(), &Patch::Apply(&obj))
+        .await
+}
+
+/// Server-side applies a cluster-scoped child (tracked by labels; deleted by the finalizer).
+pub async fn apply_cluster<K>(client: &Client, obj: K) -> Result<K, kube::Error>
+where
+    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
+{
+    let api: Api<K> = Api::all(client.clone());
+    api.patch(&obj.name_any(), &apply_params(), &Patch::Apply(&obj))
+        .await
+}
+
+/// The worker Deployment: created once at 0 replicas, then applied without `replicas`, so the
+/// scaler's count (set through the scale subresource) is never reset by a reconcile.
+pub async fn apply_deployment(
+    client: &Client,
+    namespace: &str,
+    mut d: Deployment,
+    owner: &OwnerReference,
+) -> Result<Deployment, kube::Error> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let name = d.name_any();
+    if api.get_opt(&name).await?.is_none() {
+        let mut first = d.clone();
+        first.metadata.owner_references = Some(vec![owner.clone()]);
+        if let Some(spec) = first.spec.as_mut() {
+            spec.replicas = Some(0);
+        }
+        let pp = PostParams {
+            field_manager: Some(CREATE_MANAGER.into()),
+            ..Default::default()
+        };
+        match api.create(&pp, &first).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {} // created meanwhile
+            Err(e) => return Err(e),
+        }
+    }
+    if let Some(spec) = d.spec.as_mut() {
+        spec.replicas = None;
+    }
+    d.metadata.owner_references = Some(vec![owner.clone()]);
+    api.patch(&name, &apply_params(), &Patch::Apply(&d)).await
+}
+
+/// Sets the Deployment's replicas through its scale subresource (as KEDA and the HPA do).
+pub async fn scale(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    replicas: i32,
+) -> Result<(), kube::Error> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let patch = serde_json::json!({"spec": {"replicas": replicas}});
+    api.patch_scale(
+        name,
+        &PatchParams {
+            field_manager: Some("clip-operator-scaler".into()),
+            ..Default::default()
+        },
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Applies a Job; a Job's pod template is immutable, so a changed one is deleted (and created
+/// again by the next reconcile).
+pub async fn apply_job<K>(
+    client: &Client,
+    namespace: &str,
+    job: K,
+    owner: &OwnerReference,
+) -> Result<K, kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let name = job.name_any();
+    match apply_owned(client, namespace, job, owner).await {
+        Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains("immutable") => {
+            let api: Api<K> = Api::namespaced(client.clone(), namespace);
+            api.delete(&name, &DeleteParams::background()).await?;
+            Err(kube::Error::Api(e))
+        }
+        other => other,
+    }
+}
+
+/// Deletes the children labelled for this processor whose names are not in `keep`. A kind whose
+/// CRD is not installed has nothing to delete.
+pub async fn delete_orphans<K>(
+    api: Api<K>,
+    selector: &str,
+    keep: &[String],
+) -> Result<Vec<String>, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let list = match api.list(&ListParams::default().labels(selector)).await {
+        Ok(l) => l,
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut deleted = Vec::new();
+    for obj in list.items {
+        let name = obj.name_any();
+        if !keep.contains(&name) && obj.meta().deletion_timestamp.is_none() {
+            match api.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => deleted.push(name),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,254 @@
+//! The shared model cache: a static EFS PersistentVolume bound to this processor's claim, and
+//! the one-shot Job that fills it (`clip-worker fetch-weights`), one per model.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    CSIPersistentVolumeSource, Capabilities, Container, EnvVar, ObjectReference, PersistentVolume,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
+    PersistentVolumeSpec, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile,
+    SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::{cluster_meta, labels, meta, names};
+use crate::reconcile::validate::{CacheMode, ValidatedProcessor};
+
+/// EFS is elastic; Kubernetes still requires a size on both sides.
+const PLACEHOLDER_SIZE: &str = "100Gi";
+
+/// `fs-...` or `fs-...::fsap-...` (the EFS CSI driver's volume handle grammar).
+pub fn volume_handle(file_system_id: &str, access_point_id: Option<&str>) -> String {
+    match access_point_id {
+        Some(ap) => format!("{file_system_id}::{ap}"),
+        None => file_system_id.to_string(),
+    }
+}
+
+/// The static EFS volume, pre-bound to this processor's claim. Retained on release: deleting the
+/// processor never deletes cached weights (or anything else on the file system).
+pub fn persistent_volume(p: &ValidatedProcessor) -> PersistentVolume {
+    let (fs, ap) = match &p.cache {
+        CacheMode::Efs {
+            file_system_id,
+            access_point_id,
+        } => (file_system_id.as_str(), access_point_id.as_deref()),
+        _ => ("", None),
+    };
+    PersistentVolume {
+        metadata: cluster_meta(p, names::persistent_volume(p), "model-cache"),
+        spec: Some(PersistentVolumeSpec {
+            capacity: Some(BTreeMap::from([(
+                "storage".into(),
+                Quantity(PLACEHOLDER_SIZE.into()),
+            )])),
+            volume_mode: Some("Filesystem".into()),
+            access_modes: Some(vec!["ReadWriteMany".into()]),
+            persistent_volume_reclaim_policy: Some("Retain".into()),
+            storage_class_name: Some(String::new()),
+            claim_ref: Some(ObjectReference {
+                namespace: Some(p.namespace.clone()),
+                name: Some(names::cache_claim(p)),
+                ..Default::default()
+            }),
+            csi: Some(CSIPersistentVolumeSource {
+                driver: "efs.csi.aws.com".into(),
+                volume_handle: volume_handle(fs, ap),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The claim the workers and the cache-warm Job mount.
+pub fn persistent_volume_claim(p: &ValidatedProcessor) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: meta(p, names::cache_claim(p), "model-cache"),
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteMany".into()]),
+            storage_class_name: Some(String::new()),
+            volume_name: Some(names::persistent_volume(p)),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".into(),
+                    Quantity(PLACEHOLDER_SIZE.into()),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// Downloads this processor's model into the shared cache once, before (and while) workers
+/// start; the workers' own download-once lock makes a race with them harmless.
+pub fn cache_warm_job(p: &ValidatedProcessor) -> Job {
+    let claim = names::mounted_claim(p).unwrap_or_default();
+    let uid = clip_contract::WORKER_UID;
+    let mut env = vec![
+        EnvVar {
+            name: clip_contract::env::CLIP_MODEL.into(),
+            value: Some(p.model.name.into()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: clip_contract::env::CACHE_DIR.into(),
+            value: Some(clip_contract::CACHE_MOUNT_PATH.into()),
+            ..Default::default()
+        },
+        EnvVar {
+            name: clip_contract::env::AWS_DEFAULT_REGION.into(),
+            value: Some(p.region.clone()),
+            ..Default::default()
+        },
+    ];
+    // A custom weights source (and its credentials) set on the workers applies here too.
+    env.extend(
+        p.spec
+            .worker
+            .env
+            .iter()
+            .filter(|e| e.name == clip_contract::env::CLIP_WEIGHTS_SOURCE)
+            .cloned(),
+    );
+    let mut pod_labels = labels(p, "cache-warm");
+    pod_labels.insert(
+        "lakechain.dev/model".into(),
+        p.model.slug.to_ascii_lowercase(),
+    );
+    Job {
+        metadata: meta(p, names::cache_warm_job(p), "cache-warm"),
+        spec: Some(JobSpec {
+            backoff_limit: Some(4),
+            // A download that hangs is retried by a new pod instead of holding the cache forever.
+            active_deadline_seconds: Some(3600),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("OnFailure".into()),
+                    service_account_name: Some(names::worker(p)),
+                    containers: vec![Container {
+                        name: "fetch-weights".into(),
+                        image: Some(p.image.clone()),
+                        image_pull_policy: p.settings.image_pull_policy.clone(),
+                        args: Some(vec!["fetch-weights".into()]),
+                        env: Some(env),
+                        volume_mounts: Some(vec![VolumeMount {
+                            name: "cache".into(),
+                            mount_path: clip_contract::CACHE_MOUNT_PATH.into(),
+                            ..Default::default()
+                        }]),
+                        security_context: Some(SecurityContext {
+                            allow_privilege_escalation: Some(false),
+                            read_only_root_filesystem: Some(true),
+                            run_as_non_root: Some(true),
+                            capabilities: Some(Capabilities {
+                                drop: Some(vec!["ALL".into()]),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }],
+                    volumes: Some(vec![Volume {
+                        name: "cache".into(),
+                        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                            claim_name: claim,
+                            read_only: None,
+                        }),
+                        ..Default::default()
+                    }]),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(uid),
+                        run_as_group: Some(uid),
+                        fs_group: Some(uid),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::processor;
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_efs_volume_is_static_rwx_retained_and_pre_bound() {
+        let p = processor(
+            json!({"modelCache": {"efs": {"fileSystemId": "fs-0123456789abcdef0", "accessPointId": "fsap-0123456789abcdef0"}}}),
+        );
+        let pv = persistent_volume(&p);
+        let spec = pv.spec.unwrap();
+        let csi = spec.csi.unwrap();
+        assert_eq!(csi.driver, "efs.csi.aws.com");
+        assert_eq!(
+            csi.volume_handle,
+            "fs-0123456789abcdef0::fsap-0123456789abcdef0"
+        );
+        assert_eq!(spec.access_modes.unwrap(), ["ReadWriteMany"]);
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some("Retain")
+        );
+        assert_eq!(spec.storage_class_name.as_deref(), Some(""));
+        assert_eq!(
+            spec.claim_ref.unwrap().name.as_deref(),
+            Some("photos-model-cache")
+        );
+        let pvc = persistent_volume_claim(&p).spec.unwrap();
+        assert_eq!(pvc.volume_name, Some(names::persistent_volume(&p)));
+        assert_eq!(pvc.storage_class_name.as_deref(), Some(""));
+        assert_eq!(volume_handle("fs-1", None), "fs-1");
+    }
+
+    #[test]
+    fn the_warm_job_fetches_this_model_into_the_shared_claim() {
+        let p = processor(json!({"model": "ViT-B/16", "modelCache": {"claimName": "weights"}}));
+        let job = cache_warm_job(&p);
+        assert_eq!(
+            job.metadata.name.as_deref(),
+            Some("photos-cache-warm-vit-b-16")
+        );
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.args.as_deref(), Some(&["fetch-weights".to_string()][..]));
+        let env: BTreeMap<_, _> = c
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.value.unwrap()))
+            .collect();
+        assert_eq!(env["CLIP_MODEL"], "ViT-B/16");
+        assert_eq!(env["CACHE_DIR"], "/cache");
+        assert_eq!(
+            pod.volumes.unwrap()[0]
+                .persistent_volume_claim
+                .as_ref()
+                .unwrap()
+                .claim_name,
+            "weights"
+        );
+        assert_eq!(pod.security_context.unwrap().run_as_user, Some(1000));
+    }
+}

@@ -1,0 +1,404 @@
+//! The worker Deployment. `replicas` is never part of it: the scaler (ours or KEDA's) owns the
+//! count through the scale subresource; the Deployment is created at 0 once (see apply).
+
+use std::collections::BTreeMap;
+
+use clip_contract::env;
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{LABEL_NAMESPACE, LABEL_PROCESSOR, labels, meta, names};
+use crate::crd::Provisioner;
+use crate::reconcile::validate::ValidatedProcessor;
+
+/// Seconds the worker gets after SIGTERM to finish a batch (`SHUTDOWN_GRACE_SECONDS`); the pod's
+/// termination grace period adds a margin for the releases that follow.
+pub const WORKER_GRACE_SECONDS: i64 = 30;
+/// A cold start may download gigabytes of weights and load them: the start-up probe allows 15 min.
+const STARTUP_PROBE_PERIOD: i32 = 10;
+const STARTUP_PROBE_FAILURES: i32 = 90;
+
+/// The worker environment: the seed's variables, then ours, then the user's (which win).
+pub fn worker_env(p: &ValidatedProcessor) -> Vec<EnvVar> {
+    let var = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..Default::default()
+    };
+    let mut vars = vec![
+        var(env::INPUT_QUEUE_URL, p.spec.source.queue_url.clone()),
+        var(env::SNS_TARGET_TOPIC, p.spec.output.topic_arn.clone()),
+        var(
+            env::LAKECHAIN_CACHE_STORAGE,
+            p.spec.cache_storage.bucket.clone(),
+        ),
+        var(env::CACHE_DIR, clip_contract::CACHE_MOUNT_PATH.into()),
+        var(env::CLIP_MODEL, p.model.name.into()),
+        var(env::EXTRACT_LABELS, p.spec.label_extraction.to_string()),
+        var(env::AWS_DEFAULT_REGION, p.region.clone()),
+        var(
+            env::POWERTOOLS_SERVICE_NAME,
+            clip_contract::DEFAULT_SERVICE_NAME.into(),
+        ),
+        var(env::HTTP_PORT, clip_contract::WORKER_HTTP_PORT.to_string()),
+        var(env::LOG_FORMAT, "json".into()),
+        var(
+            env::SHUTDOWN_GRACE_SECONDS,
+            WORKER_GRACE_SECONDS.to_string(),
+        ),
+    ];
+    if let Some(b) = p.spec.worker.batch_size {
+        vars.push(var(env::BATCH_SIZE, b.to_string()));
+    }
+    if let Some(endpoint) = &p.settings.aws_endpoint_url {
+        vars.push(var(env::AWS_ENDPOINT_URL, endpoint.clone()));
+    }
+    for user in &p.spec.worker.env {
+        vars.retain(|v| v.name != user.name);
+        vars.push(user.clone());
+    }
+    vars
+}
+
+/// Resources: the user's, with the GPU count always taken from compute.gpusPerInstance.
+fn resources(p: &ValidatedProcessor) -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.to_string());
+    let mut r = p
+        .spec
+        .worker
+        .resources
+        .clone()
+        .unwrap_or_else(|| ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), q("2")),
+                ("memory".into(), q("8Gi")),
+            ])),
+            limits: Some(BTreeMap::from([("memory".into(), q("14Gi"))])),
+            ..Default::default()
+        });
+    let gpus = q(&p.spec.compute.gpus_per_instance.to_string());
+    r.limits
+        .get_or_insert_with(BTreeMap::new)
+        .insert("nvidia.com/gpu".into(), gpus.clone());
+    if let Some(req) = r.requests.as_mut() {
+        req.insert("nvidia.com/gpu".into(), gpus);
+    }
+    r
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(5),
+        ..Default::default()
+    }
+}
+
+/// The worker Deployment (without `replicas`).
+pub fn deployment(p: &ValidatedProcessor) -> Deployment {
+    let name = names::worker(p);
+    let selector = BTreeMap::from([
+        (LABEL_PROCESSOR.to_string(), p.name.clone()),
+        (LABEL_NAMESPACE.to_string(), p.namespace.clone()),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "worker".to_string(),
+        ),
+    ]);
+    let cache_volume = match names::mounted_claim(p) {
+        Some(claim) => Volume {
+            name: "cache".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim,
+                read_only: Some(false),
+            }),
+            ..Default::default()
+        },
+        None => Volume {
+            name: "cache".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity("20Gi".into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    };
+    let mut tolerations = vec![Toleration {
+        key: Some("nvidia.com/gpu".into()),
+        operator: Some("Exists".into()),
+        effect: Some("NoSchedule".into()),
+        ..Default::default()
+    }];
+    let node_selector = match p.provisioner {
+        Provisioner::Karpenter => {
+            BTreeMap::from([("karpenter.sh/nodepool".to_string(), names::node_pool(p))])
+        }
+        Provisioner::None => {
+            tolerations.extend(p.spec.compute.tolerations.iter().cloned());
+            p.spec.compute.node_selector.clone()
+        }
+    };
+    let container = Container {
+        name: "worker".into(),
+        image: Some(p.image.clone()),
+        image_pull_policy: p.settings.image_pull_policy.clone(),
+        args: Some(vec!["serve".into()]),
+        env: Some(worker_env(p)),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: i32::from(clip_contract::WORKER_HTTP_PORT),
+            ..Default::default()
+        }]),
+        resources: Some(resources(p)),
+        startup_probe: Some(probe(
+            clip_contract::READYZ_PATH,
+            STARTUP_PROBE_PERIOD,
+            STARTUP_PROBE_FAILURES,
+        )),
+        readiness_probe: Some(probe(clip_contract::READYZ_PATH, 10, 3)),
+        liveness_probe: Some(probe(clip_contract::HEALTHZ_PATH, 20, 3)),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "cache".into(),
+                mount_path: clip_contract::CACHE_MOUNT_PATH.into(),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..Default::default()
+            },
+        ]),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let uid = clip_contract::WORKER_UID;
+    let mut pod_labels = labels(p, "worker");
+    pod_labels.extend(selector.clone());
+    Deployment {
+        metadata: meta(p, name.clone(), "worker"),
+        spec: Some(DeploymentSpec {
+            replicas: None,
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            },
+            // Replace a worker before starting its successor: no spare GPU node is needed for a
+            // rollout; the queue absorbs the gap.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(0)),
+                    max_unavailable: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    // Karpenter never consolidates a node away from under a busy worker.
+                    annotations: Some(BTreeMap::from([(
+                        "karpenter.sh/do-not-disrupt".into(),
+                        "true".into(),
+                    )])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(name),
+                    containers: vec![container],
+                    volumes: Some(vec![
+                        cache_volume,
+                        Volume {
+                            name: "tmp".into(),
+                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Default::default()
+                        },
+                    ]),
+                    node_selector: (!node_selector.is_empty()).then_some(node_selector),
+                    tolerations: Some(tolerations),
+                    termination_grace_period_seconds: Some(WORKER_GRACE_SECONDS + 15),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(uid),
+                        run_as_group: Some(uid),
+                        fs_group: Some(uid),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::processor;
+    use super::*;
+    use serde_json::json;
+
+    fn env_map(p: &ValidatedProcessor) -> BTreeMap<String, String> {
+        worker_env(p)
+            .into_iter()
+            .map(|e| (e.name, e.value.unwrap_or_default()))
+            .collect()
+    }
+
+    #[test]
+    fn the_worker_gets_every_seed_variable_from_the_contract() {
+        let p = processor(json!({"model": "ViT-L/14", "labelExtraction": false}));
+        let env = env_map(&p);
+        for v in env::SEED {
+            assert!(env.contains_key(v), "{v} missing");
+        }
+        for v in env.keys() {
+            assert!(
+                env::ALL.contains(&v.as_str()),
+                "{v} is not a variable the worker reads"
+            );
+        }
+        assert_eq!(env[env::CLIP_MODEL], "ViT-L/14");
+        assert_eq!(env[env::EXTRACT_LABELS], "false");
+        assert_eq!(env[env::AWS_DEFAULT_REGION], "eu-west-1");
+        assert_eq!(env[env::CACHE_DIR], "/cache");
+        assert_eq!(env[env::LAKECHAIN_CACHE_STORAGE], "lakechain-cache");
+    }
+
+    #[test]
+    fn user_env_overrides_ours() {
+        let p = processor(
+            json!({"worker": {"batchSize": 64, "env": [{"name": "BATCH_SIZE", "value": "8"}, {"name": "X", "value": "y"}]}}),
+        );
+        let env = worker_env(&p);
+        assert_eq!(env.iter().filter(|e| e.name == "BATCH_SIZE").count(), 1);
+        assert_eq!(env_map(&p)["BATCH_SIZE"], "8");
+    }
+
+    #[test]
+    fn the_pod_is_a_restricted_gpu_pod_on_its_pool() {
+        let p = processor(json!({"compute": {"gpusPerInstance": 2}}));
+        let d = deployment(&p);
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, None, "the scaler owns replicas");
+        let pod = spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.resources.as_ref().unwrap().limits.as_ref().unwrap()["nvidia.com/gpu"],
+            Quantity("2".into())
+        );
+        assert_eq!(
+            pod.node_selector.unwrap()["karpenter.sh/nodepool"],
+            names::node_pool(&p)
+        );
+        assert!(
+            pod.tolerations
+                .unwrap()
+                .iter()
+                .any(|t| t.key.as_deref() == Some("nvidia.com/gpu"))
+        );
+        let sc = pod.security_context.unwrap();
+        assert_eq!(
+            (
+                sc.run_as_user,
+                sc.run_as_group,
+                sc.fs_group,
+                sc.run_as_non_root
+            ),
+            (Some(1000), Some(1000), Some(1000), Some(true))
+        );
+        assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let csc = c.security_context.as_ref().unwrap();
+        assert_eq!(csc.read_only_root_filesystem, Some(true));
+        assert_eq!(csc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            csc.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+        assert!(
+            c.volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.mount_path == "/cache")
+        );
+        let startup = c.startup_probe.as_ref().unwrap();
+        assert!(
+            startup.period_seconds.unwrap() * startup.failure_threshold.unwrap() >= 600,
+            "tolerates a cold model load"
+        );
+        assert!(pod.termination_grace_period_seconds.unwrap() > WORKER_GRACE_SECONDS);
+        let annotations = spec.template.metadata.unwrap().annotations.unwrap();
+        assert_eq!(annotations["karpenter.sh/do-not-disrupt"], "true");
+    }
+
+    #[test]
+    fn existing_nodes_are_selected_by_the_users_selector() {
+        let p = processor(json!({"compute": {
+            "nodePool": {"provisioner": "none"},
+            "nodeSelector": {"node.kubernetes.io/instance-type": "g5.xlarge"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+        }}));
+        let pod = deployment(&p).spec.unwrap().template.spec.unwrap();
+        assert_eq!(
+            pod.node_selector.unwrap()["node.kubernetes.io/instance-type"],
+            "g5.xlarge"
+        );
+        assert_eq!(pod.tolerations.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_cache_volume_follows_model_cache() {
+        let pod = |spec| {
+            deployment(&processor(spec))
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+        };
+        let v = &pod(json!({"modelCache": {"efs": {"fileSystemId": "fs-0123456789abcdef0"}}}))
+            .volumes
+            .unwrap()[0];
+        assert_eq!(
+            v.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "photos-model-cache"
+        );
+        let v = &pod(json!({"modelCache": {"claimName": "weights"}}))
+            .volumes
+            .unwrap()[0];
+        assert_eq!(
+            v.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "weights"
+        );
+        assert!(pod(json!({})).volumes.unwrap()[0].empty_dir.is_some());
+    }
+}

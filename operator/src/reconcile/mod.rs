@@ -1,0 +1,636 @@
+//! The controller: validate (pure) -> build (pure) -> apply (server-side apply, orphan cleanup)
+//! -> scale (builtin engine) -> status (pure, from observed children) -> patch status.
+
+pub mod apply;
+pub mod build;
+#[cfg(test)]
+mod fake;
+pub mod status;
+#[cfg(test)]
+mod tests;
+pub mod validate;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use std::sync::Mutex;
+
+use crate::crd::{ClipProcessor, ClipProcessorStatus, QueueStatus, ScalingEngine};
+use crate::external::karpenter::NodePool;
+use crate::external::keda_scaled_object::ScaledObject;
+use crate::external::keda_trigger_authentication::TriggerAuthentication;
+use crate::metrics::{
+    ConditionLabels, DecisionLabels, ErrorLabels, Metrics, ProcessorLabels, QueueLabels,
+};
+use crate::scaler::{self, ScaleInput, sqs::QueueReader};
+use build::{Children, FIELD_MANAGER, names, selector};
+use status::{Observed, ScalerObservation};
+use validate::{OperatorSettings, ValidatedProcessor};
+
+/// The finalizer that deletes cluster-scoped children (NodePool, PersistentVolume).
+pub const FINALIZER: &str = "lakechain.dev/cleanup";
+
+/// Why a reconcile failed. The variant name is the metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    fn label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub settings: OperatorSettings,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub queues: QueueReader,
+    /// Per processor: the builtin scaler's recent recommendations.
+    histories: Mutex<HashMap<String, scaler::History>>,
+    /// Per processor: consecutive failures, for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        settings: OperatorSettings,
+        metrics: Arc<Metrics>,
+        instance: Option<String>,
+        queues: QueueReader,
+    ) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: "clip-operator".into(),
+            instance,
+        };
+        Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            metrics,
+            queues,
+            histories: Default::default(),
+            failures: Default::default(),
+        })
+    }
+}
+
+/// Runs the controller until the stream ends (shutdown).
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let processors: Api<ClipProcessor> = Api::all(client.clone());
+    Controller::new(processors, watcher::Config::default().any_semantic())
+        .owns(
+            Api::<Deployment>::all(client.clone()),
+            watcher::Config::default().labels(build::LABEL_PROCESSOR),
+        )
+        .owns(
+            Api::<Job>::all(client.clone()),
+            watcher::Config::default().labels(build::LABEL_PROCESSOR),
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!("reconcile: {e}");
+            }
+        })
+        .await;
+}
+
+fn key(cp: &ClipProcessor) -> String {
+    format!("{}/{}", cp.namespace().unwrap_or_default(), cp.name_any())
+}
+
+pub(crate) async fn reconcile(cp: Arc<ClipProcessor>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let ns = cp.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<ClipProcessor> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, cp.clone(), |event| async {
+        match event {
+            FinalizerEvent::Apply(cp) => apply(cp, &ctx).await,
+            FinalizerEvent::Cleanup(cp) => cleanup(cp, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(e.to_string()));
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key(&cp));
+    }
+    result
+}
+
+/// Exponential backoff per processor: 5 s, 10 s, ... up to 5 minutes.
+pub(crate) fn error_policy(cp: Arc<ClipProcessor>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .failures
+        .get_or_create(&ErrorLabels {
+            error: err.label().into(),
+        })
+        .inc();
+    tracing::warn!(processor = %key(&cp), "reconcile failed: {err}");
+    let attempts = {
+        let mut f = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = f.entry(key(&cp)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    Action::requeue(Duration::from_secs(
+        (5u64 << attempts.min(6).saturating_sub(1)).min(300),
+    ))
+}
+
+async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
+    let previous = cp.status.clone().unwrap_or_default();
+    let now = Time(Timestamp::now());
+    let p = match validate::validate(&cp, &ctx.settings) {
+        Ok(p) => p,
+        Err(invalid) => {
+            let conditions = status::invalid_conditions(
+                &invalid.0,
+                cp.metadata.generation,
+                &previous.conditions,
+                &now,
+            );
+            let status = ClipProcessorStatus {
+                observed_generation: cp.metadata.generation,
+                conditions,
+                ..previous.clone()
+            };
+            publish_transitions(ctx, &cp, &previous.conditions, &status.conditions).await;
+            patch_status(ctx, &cp, &previous, status).await?;
+            // Nothing to do until the spec changes.
+            return Ok(Action::await_change());
+        }
+    };
+    let owner = cp
+        .controller_owner_ref(&())
+        .expect("a ClipProcessor from the API has a uid");
+    let desired = build::children(&p);
+    let mut observed = Observed::default();
+    apply_children(ctx, &p, &desired, &owner, &mut observed).await;
+    if let Err(e) = delete_orphans(ctx, &p, &desired).await {
+        observed
+            .apply_errors
+            .push(format!("removing children the spec no longer wants: {e}"));
+    }
+
+    let mut status = ClipProcessorStatus {
+        observed_generation: p.generation,
+        ..previous.clone()
+    };
+    if p.engine == ScalingEngine::Builtin {
+        scale_tick(ctx, &cp, &p, &mut observed, &mut status).await;
+    } else {
+        status.queue = None;
+        observed.scaled_object = Api::<ScaledObject>::namespaced(ctx.client.clone(), &p.namespace)
+            .get_opt(&names::scaled_object(&p))
+            .await
+            .unwrap_or(None);
+    }
+    status.replicas = Some(status::replicas(&observed));
+    status.conditions = status::conditions(&p, &observed, &previous.conditions, &now);
+    record_conditions(ctx, &p, &status.conditions);
+    publish_transitions(ctx, &cp, &previous.conditions, &status.conditions).await;
+    patch_status(ctx, &cp, &previous, status).await?;
+
+    let poll = Duration::from_secs(p.spec.scaling.polling_interval_seconds.max(1) as u64);
+    Ok(Action::requeue(match p.engine {
+        ScalingEngine::Builtin => poll,
+        ScalingEngine::Keda => Duration::from_secs(60),
+    }))
+}
+
+/// Applies every child, recording what came back (their status) and what failed.
+async fn apply_children(
+    ctx: &Context,
+    p: &ValidatedProcessor,
+    c: &Children,
+    owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    o: &mut Observed,
+) {
+    let client = &ctx.client;
+    let ns = p.namespace.as_str();
+    let mut fail =
+        |what: &str, e: kube::Error| o.apply_errors.push(format!("{what}: {}", describe(&e)));
+    macro_rules! try_apply {
+        ($what:expr, $fut:expr) => {
+            match $fut.await {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    fail($what, e);
+                    None
+                }
+            }
+        };
+    }
+    if let Some(sa) = c.service_account.clone() {
+        try_apply!(
+            "ServiceAccount",
+            apply::apply_owned::<ServiceAccount>(client, ns, sa, owner)
+        );
+    }
+    if let Some(pv) = c.persistent_volume.clone() {
+        try_apply!(
+            "PersistentVolume",
+            apply::apply_cluster::<PersistentVolume>(client, pv)
+        );
+    }
+    if let Some(pvc) = c.persistent_volume_claim.clone() {
+        try_apply!(
+            "PersistentVolumeClaim",
+            apply::apply_owned::<PersistentVolumeClaim>(client, ns, pvc, owner)
+        );
+    }
+    let job = match c.cache_warm_job.clone() {
+        Some(job) => try_apply!(
+            "cache-warm Job",
+            apply::apply_job::<Job>(client, ns, job, owner)
+        ),
+        None => None,
+    };
+    let deployment = match c.deployment.clone() {
+        Some(d) => try_apply!("Deployment", apply::apply_deployment(client, ns, d, owner)),
+        None => None,
+    };
+    let node_pool = match c.node_pool.clone() {
+        Some(np) => try_apply!(
+            "NodePool (is Karpenter installed?)",
+            apply::apply_cluster::<NodePool>(client, np)
+        ),
+        None => None,
+    };
+    if let Some(ta) = c.trigger_authentication.clone() {
+        try_apply!(
+            "TriggerAuthentication (is KEDA installed?)",
+            apply::apply_owned::<TriggerAuthentication>(client, ns, ta, owner)
+        );
+    }
+    if let Some(so) = c.scaled_object.clone() {
+        try_apply!(
+            "ScaledObject (is KEDA installed?)",
+            apply::apply_owned::<ScaledObject>(client, ns, so, owner)
+        );
+    }
+    o.cache_job = job;
+    o.deployment = deployment;
+    o.node_pool = node_pool;
+}
+
+/// A kube error as one sentence.
+fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({})", s.message, s.reason),
+        other => other.to_string(),
+    }
+}
+
+/// Deletes children the current spec does not want (after a model change, an engine switch, a
+/// cache or provisioner change).
+async fn delete_orphans(
+    ctx: &Context,
+    p: &ValidatedProcessor,
+    c: &Children,
+) -> Result<(), kube::Error> {
+    let sel = selector(&p.name, &p.namespace);
+    let client = ctx.client.clone();
+    let ns = p.namespace.as_str();
+    let keep = |name: Option<String>| name.into_iter().collect::<Vec<_>>();
+    let name_of = |m: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>| {
+        m.and_then(|m| m.name.clone())
+    };
+    let mut deleted = Vec::new();
+    deleted.extend(
+        apply::delete_orphans(
+            Api::<Job>::namespaced(client.clone(), ns),
+            &sel,
+            &keep(name_of(c.cache_warm_job.as_ref().map(|j| &j.metadata))),
+        )
+        .await?,
+    );
+    deleted.extend(
+        apply::delete_orphans(
+            Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
+            &sel,
+            &keep(name_of(
+                c.persistent_volume_claim.as_ref().map(|x| &x.metadata),
+            )),
+        )
+        .await?,
+    );
+    deleted.extend(
+        apply::delete_orphans(
+            Api::<PersistentVolume>::all(client.clone()),
+            &sel,
+            &keep(name_of(c.persistent_volume.as_ref().map(|x| &x.metadata))),
+        )
+        .await?,
+    );
+    deleted.extend(
+        apply::delete_orphans(
+            Api::<NodePool>::all(client.clone()),
+            &sel,
+            &keep(name_of(c.node_pool.as_ref().map(|x| &x.metadata))),
+        )
+        .await?,
+    );
+    deleted.extend(
+        apply::delete_orphans(
+            Api::<ScaledObject>::namespaced(client.clone(), ns),
+            &sel,
+            &keep(name_of(c.scaled_object.as_ref().map(|x| &x.metadata))),
+        )
+        .await?,
+    );
+    deleted.extend(
+        apply::delete_orphans(
+            Api::<TriggerAuthentication>::namespaced(client.clone(), ns),
+            &sel,
+            &keep(name_of(
+                c.trigger_authentication.as_ref().map(|x| &x.metadata),
+            )),
+        )
+        .await?,
+    );
+    if !deleted.is_empty() {
+        tracing::info!(processor = %format!("{ns}/{}", p.name), deleted = ?deleted, "removed children the spec no longer wants");
+    }
+    Ok(())
+}
+
+/// One builtin-scaler tick: read the queue, decide, set the Deployment's scale.
+async fn scale_tick(
+    ctx: &Context,
+    cp: &ClipProcessor,
+    p: &ValidatedProcessor,
+    o: &mut Observed,
+    status: &mut ClipProcessorStatus,
+) {
+    let labels = ProcessorLabels {
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+    };
+    let depth = match ctx.queues.depth(&p.region, &p.spec.source.queue_url).await {
+        Ok(d) => d,
+        Err(e) => {
+            o.scaler = Some(ScalerObservation::Failed(e));
+            return;
+        }
+    };
+    o.scaler = Some(ScalerObservation::Read {
+        visible: depth.visible,
+        in_flight: depth.in_flight,
+    });
+    let now = Timestamp::now();
+    for (state, v) in [("visible", depth.visible), ("in_flight", depth.in_flight)] {
+        let l = QueueLabels {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            state: state.into(),
+        };
+        ctx.metrics.queue_messages.get_or_create(&l).set(v as i64);
+    }
+    status.queue = Some(QueueStatus {
+        visible: depth.visible as i64,
+        in_flight: depth.in_flight as i64,
+        read_at: Time(now),
+    });
+    if depth.visible + depth.in_flight > 0 {
+        status.last_active_time = Some(Time(now));
+    }
+    let Some(deployment) = o.deployment.as_mut() else {
+        return;
+    };
+    let current = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(0);
+    // After an operator restart the cooldown counts from the last activity recorded in status.
+    let last_active = status.last_active_time.as_ref().map(|t| t.0);
+    let input = ScaleInput::from_spec(
+        &p.spec.scaling,
+        depth.visible,
+        depth.in_flight,
+        current,
+        now,
+        last_active,
+    );
+    let decision = {
+        let mut histories = ctx.histories.lock().unwrap_or_else(|e| e.into_inner());
+        scaler::decide(&input, histories.entry(key(cp)).or_default())
+    };
+    ctx.metrics
+        .desired_replicas
+        .get_or_create(&labels)
+        .set(i64::from(decision.desired));
+    if decision.desired == current {
+        return;
+    }
+    match apply::scale(
+        &ctx.client,
+        &p.namespace,
+        &names::worker(p),
+        decision.desired,
+    )
+    .await
+    {
+        Ok(()) => {
+            if let Some(spec) = deployment.spec.as_mut() {
+                spec.replicas = Some(decision.desired);
+            }
+            status.last_scale_time = Some(Time(now));
+            let reason = decision.reason.as_str();
+            ctx.metrics
+                .decisions
+                .get_or_create(&DecisionLabels {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    reason: reason.into(),
+                })
+                .inc();
+            let note = format!(
+                "workers {current} -> {} ({} messages waiting, {} in flight)",
+                decision.desired, depth.visible, depth.in_flight
+            );
+            tracing::info!(processor = %key(cp), "{reason}: {note}");
+            event(ctx, cp, EventType::Normal, reason, "Scale", note).await;
+        }
+        Err(e) => o.apply_errors.push(format!(
+            "scaling the workers to {}: {}",
+            decision.desired,
+            describe(&e)
+        )),
+    }
+}
+
+fn record_conditions(ctx: &Context, p: &ValidatedProcessor, conditions: &[Condition]) {
+    for c in conditions {
+        let l = ConditionLabels {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            condition: c.type_.clone(),
+        };
+        ctx.metrics
+            .condition
+            .get_or_create(&l)
+            .set(i64::from(c.status == "True"));
+    }
+}
+
+/// An Event for each summary condition that changed, so `kubectl describe` tells the story.
+async fn publish_transitions(
+    ctx: &Context,
+    cp: &ClipProcessor,
+    before: &[Condition],
+    after: &[Condition],
+) {
+    for c in after
+        .iter()
+        .filter(|c| matches!(c.type_.as_str(), "Ready" | "Degraded"))
+    {
+        let old = before.iter().find(|o| o.type_ == c.type_);
+        if old.is_some_and(|o| o.status == c.status && o.reason == c.reason) {
+            continue;
+        }
+        let warning = (c.type_ == "Degraded" && c.status == "True")
+            || (c.type_ == "Ready" && c.status == "False" && c.reason != "Pending");
+        let reason = if c.type_ == "Ready" && c.status == "True" {
+            "Ready".to_string()
+        } else {
+            c.reason.clone()
+        };
+        let ty = if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        event(
+            ctx,
+            cp,
+            ty,
+            &reason,
+            "Reconcile",
+            format!("{}={}: {}", c.type_, c.status, c.message),
+        )
+        .await;
+    }
+}
+
+async fn event(
+    ctx: &Context,
+    cp: &ClipProcessor,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let ev = KubeEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(truncate(note, 1000)),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &cp.object_ref(&())).await {
+        tracing::debug!("cannot publish an event: {e}");
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Writes status (server-side apply on the status subresource) when it changed.
+async fn patch_status(
+    ctx: &Context,
+    cp: &ClipProcessor,
+    previous: &ClipProcessorStatus,
+    status: ClipProcessorStatus,
+) -> Result<(), kube::Error> {
+    if &status == previous {
+        return Ok(());
+    }
+    let api: Api<ClipProcessor> =
+        Api::namespaced(ctx.client.clone(), &cp.namespace().unwrap_or_default());
+    let body = json!({"apiVersion": ClipProcessor::api_version(&()), "kind": ClipProcessor::kind(&()), "status": status});
+    api.patch_status(
+        &cp.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Deletion: the cluster-scoped children (NodePool, PersistentVolume) cannot be owned by a
+/// namespaced object, so they are deleted here; namespaced children go by owner reference.
+async fn cleanup(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
+    let ns = cp.namespace().unwrap_or_default();
+    let name = cp.name_any();
+    let sel = selector(&name, &ns);
+    let lp = ListParams::default().labels(&sel);
+    let np: Api<NodePool> = Api::all(ctx.client.clone());
+    match np.delete_collection(&DeleteParams::background(), &lp).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {} // Karpenter not installed: nothing to delete
+        Err(e) => return Err(e.into()),
+    }
+    let pv: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    pv.delete_collection(&DeleteParams::background(), &lp)
+        .await?;
+    ctx.histories
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key(&cp));
+    ctx.metrics.forget(&ns, &name);
+    event(
+        ctx,
+        &cp,
+        EventType::Normal,
+        "Deleted",
+        "Cleanup",
+        "deleted the NodePool and PersistentVolume".into(),
+    )
+    .await;
+    tracing::info!(processor = %key(&cp), "cleaned up cluster-scoped children");
+    Ok(Action::await_change())
+}

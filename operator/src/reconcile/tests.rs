@@ -1,0 +1,440 @@
+//! Reconcile flows against a mocked API server (`fake.rs`): create, update, engine switch,
+//! delete with the finalizer, conflicts and API errors, invalid specs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+
+use super::fake::FakeApi;
+use super::validate::OperatorSettings;
+use super::{Context, FINALIZER, error_policy, reconcile};
+use crate::crd::ClipProcessor;
+use crate::metrics::Metrics;
+use crate::scaler::sqs::QueueReader;
+
+const CP: &str = "/apis/lakechain.dev/v1alpha1/namespaces/media/clipprocessors/photos";
+const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/media/deployments/photos-worker";
+
+fn manifest(spec: Value) -> Value {
+    let mut m = json!({
+        "apiVersion": "lakechain.dev/v1alpha1", "kind": "ClipProcessor",
+        "metadata": {"name": "photos", "namespace": "media", "uid": "cp-uid", "generation": 1, "resourceVersion": "1"},
+        "spec": {
+            "source": {"queueUrl": "https://sqs.eu-west-1.amazonaws.com/123456789012/clip-input"},
+            "output": {"topicArn": "arn:aws:sns:eu-west-1:123456789012:clip-output"},
+            "cacheStorage": {"bucket": "lakechain-cache"},
+            "scaling": {"engine": "keda"}
+        }
+    });
+    json_patch::merge(&mut m["spec"], &spec);
+    m
+}
+
+fn setup(spec: Value) -> (FakeApi, Arc<Context>) {
+    let fake = FakeApi::default();
+    fake.insert(CP, manifest(spec));
+    // The builtin scaler's queue reads go to a closed port: a fast, deterministic failure.
+    let queues = QueueReader::new(Some("http://127.0.0.1:9".into()));
+    let ctx = Context::new(
+        fake.client(),
+        OperatorSettings::default(),
+        Arc::new(Metrics::default()),
+        None,
+        queues,
+    );
+    (fake, ctx)
+}
+
+fn current(fake: &FakeApi) -> Arc<ClipProcessor> {
+    Arc::new(serde_json::from_value(fake.get(CP).expect("the ClipProcessor exists")).unwrap())
+}
+
+/// Reconciles until the finalizer is in place and one full apply ran.
+async fn converge(fake: &FakeApi, ctx: &Arc<Context>) -> Action {
+    let mut action = reconcile(current(fake), ctx.clone()).await.unwrap();
+    if current(fake)
+        .metadata
+        .finalizers
+        .as_deref()
+        .unwrap_or_default()
+        .is_empty()
+    {
+        panic!("the first reconcile adds the finalizer");
+    }
+    for _ in 0..2 {
+        action = reconcile(current(fake), ctx.clone()).await.unwrap();
+    }
+    action
+}
+
+fn condition(fake: &FakeApi, type_: &str) -> Value {
+    fake.get(CP).unwrap()["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_).cloned())
+        .unwrap_or(Value::Null)
+}
+
+fn exists(fake: &FakeApi, fragment: &str) -> bool {
+    fake.paths().iter().any(|p| p.contains(fragment))
+}
+
+#[tokio::test]
+async fn create_applies_every_child_and_reports_status() {
+    let (fake, ctx) = setup(
+        json!({"modelCache": {"efs": {"fileSystemId": "fs-0123456789abcdef0"}, "none": null}}),
+    );
+    let action = converge(&fake, &ctx).await;
+    assert_eq!(
+        current(&fake).metadata.finalizers.clone().unwrap(),
+        vec![FINALIZER.to_string()]
+    );
+    for child in [
+        "/api/v1/namespaces/media/serviceaccounts/photos-worker",
+        DEPLOYMENT,
+        "/api/v1/namespaces/media/persistentvolumeclaims/photos-model-cache",
+        "/apis/batch/v1/namespaces/media/jobs/photos-cache-warm-vit-b-32",
+        "/apis/karpenter.sh/v1/nodepools/clip-photos-",
+        "/api/v1/persistentvolumes/clip-photos-",
+        "/apis/keda.sh/v1alpha1/namespaces/media/scaledobjects/photos",
+        "/apis/keda.sh/v1alpha1/namespaces/media/triggerauthentications/photos-sqs",
+    ] {
+        assert!(
+            exists(&fake, child),
+            "{child} was not applied; have {:?}",
+            fake.paths()
+        );
+    }
+    // Namespaced children carry the processor as controller owner.
+    let d = fake.get(DEPLOYMENT).unwrap();
+    assert_eq!(d["metadata"]["ownerReferences"][0]["uid"], "cp-uid");
+    assert_eq!(d["metadata"]["ownerReferences"][0]["controller"], true);
+    // Created once at zero replicas by the create manager; applies never carry replicas.
+    let seen = fake.seen();
+    let create = seen
+        .iter()
+        .find(|s| s.method == Method::POST && s.path.ends_with("/deployments"))
+        .unwrap();
+    assert!(
+        create.query.contains("fieldManager=clip-operator-create"),
+        "{}",
+        create.query
+    );
+    assert_eq!(create.body.as_ref().unwrap()["spec"]["replicas"], 0);
+    for apply in seen
+        .iter()
+        .filter(|s| s.method == Method::PATCH && s.path == DEPLOYMENT)
+    {
+        assert!(
+            apply.query.contains("fieldManager=clip-operator")
+                && apply.query.contains("force=true")
+        );
+        assert!(
+            apply.body.as_ref().unwrap()["spec"]
+                .get("replicas")
+                .is_none(),
+            "an apply carried replicas"
+        );
+    }
+    // Status: observedGeneration, every condition, the replica summary.
+    let status = &fake.get(CP).unwrap()["status"];
+    assert_eq!(status["observedGeneration"], 1);
+    for t in [
+        "Ready",
+        "Progressing",
+        "Degraded",
+        "CacheReady",
+        "NodePoolReady",
+        "ScalerReady",
+        "WorkersAvailable",
+    ] {
+        let c = condition(&fake, t);
+        assert_eq!(c["observedGeneration"], 1, "{t}");
+        assert!(
+            c["reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "{t} has no reason"
+        );
+    }
+    assert_eq!(condition(&fake, "CacheReady")["reason"], "Warming");
+    assert_eq!(status["replicas"]["summary"], "0/0");
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}
+
+#[tokio::test]
+async fn the_scalers_replica_count_survives_reconciles() {
+    let (fake, ctx) = setup(json!({}));
+    converge(&fake, &ctx).await;
+    // KEDA (or our scaler) sets 3 workers through the scale subresource.
+    let mut d = fake.get(DEPLOYMENT).unwrap();
+    d["spec"]["replicas"] = json!(3);
+    fake.insert(DEPLOYMENT, d);
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert_eq!(fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"], 3);
+}
+
+#[tokio::test]
+async fn a_model_change_rolls_the_workers_and_warms_the_new_model() {
+    let (fake, ctx) = setup(json!({"modelCache": {"claimName": "weights", "none": null}}));
+    converge(&fake, &ctx).await;
+    assert!(exists(&fake, "/jobs/photos-cache-warm-vit-b-32"));
+    let mut cp = fake.get(CP).unwrap();
+    cp["spec"]["model"] = json!("ViT-B/16");
+    cp["metadata"]["generation"] = json!(2);
+    fake.insert(CP, cp);
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(exists(&fake, "/jobs/photos-cache-warm-vit-b-16"));
+    assert!(
+        !exists(&fake, "/jobs/photos-cache-warm-vit-b-32"),
+        "the old model's Job is removed"
+    );
+    let env =
+        fake.get(DEPLOYMENT).unwrap()["spec"]["template"]["spec"]["containers"][0]["env"].clone();
+    assert!(
+        env.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "CLIP_MODEL" && e["value"] == "ViT-B/16")
+    );
+    assert_eq!(fake.get(CP).unwrap()["status"]["observedGeneration"], 2);
+}
+
+#[tokio::test]
+async fn switching_engines_removes_what_no_longer_applies() {
+    let (fake, ctx) = setup(json!({}));
+    converge(&fake, &ctx).await;
+    assert!(exists(&fake, "/scaledobjects/photos"));
+    let mut cp = fake.get(CP).unwrap();
+    cp["spec"]["scaling"]["engine"] = json!("builtin");
+    cp["spec"]["compute"] = json!({"nodePool": {"provisioner": "none"}});
+    fake.insert(CP, cp);
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(!exists(&fake, "/scaledobjects/"), "ScaledObject removed");
+    assert!(
+        !exists(&fake, "/triggerauthentications/"),
+        "TriggerAuthentication removed"
+    );
+    assert!(
+        !exists(&fake, "/nodepools/"),
+        "NodePool removed with provisioner none"
+    );
+    // The builtin scaler now reads the queue; here it cannot, and the status says so.
+    let scaler = condition(&fake, "ScalerReady");
+    assert_eq!(
+        (scaler["status"].as_str(), scaler["reason"].as_str()),
+        (Some("False"), Some("QueueUnreadable"))
+    );
+    assert_eq!(condition(&fake, "Degraded")["status"], "True");
+}
+
+#[tokio::test]
+async fn deletion_removes_cluster_scoped_children_and_the_finalizer() {
+    let (fake, ctx) = setup(
+        json!({"modelCache": {"efs": {"fileSystemId": "fs-0123456789abcdef0"}, "none": null}}),
+    );
+    converge(&fake, &ctx).await;
+    assert!(exists(&fake, "/nodepools/") && exists(&fake, "/persistentvolumes/"));
+    let mut cp = fake.get(CP).unwrap();
+    cp["metadata"]["deletionTimestamp"] = json!("2026-11-27T01:00:00Z");
+    fake.insert(CP, cp);
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(!exists(&fake, "/nodepools/"), "NodePool deleted");
+    assert!(
+        !exists(&fake, "/persistentvolumes/"),
+        "PersistentVolume deleted"
+    );
+    assert!(fake.get(CP).is_none(), "finalizer removed, object gone");
+}
+
+#[tokio::test]
+async fn a_conflicting_child_degrades_the_status_with_the_reason() {
+    let (fake, ctx) = setup(json!({}));
+    fake.fail(Method::PATCH, "/nodepools/", 409, "Conflict");
+    converge(&fake, &ctx).await;
+    let d = condition(&fake, "Degraded");
+    assert_eq!(
+        (d["status"].as_str(), d["reason"].as_str()),
+        (Some("True"), Some("ApplyFailed"))
+    );
+    assert!(d["message"].as_str().unwrap().contains("NodePool"), "{d}");
+    assert_eq!(condition(&fake, "Ready")["status"], "False");
+    // The rest was still applied.
+    assert!(exists(&fake, "/deployments/photos-worker"));
+}
+
+#[tokio::test]
+async fn api_errors_fail_the_reconcile_and_back_off() {
+    let (fake, ctx) = setup(json!({}));
+    converge(&fake, &ctx).await;
+    fake.fail(
+        Method::PATCH,
+        "/clipprocessors/photos/status",
+        500,
+        "InternalError",
+    );
+    let mut cp = fake.get(CP).unwrap();
+    cp["metadata"]["generation"] = json!(2);
+    fake.insert(CP, cp);
+    let err = reconcile(current(&fake), ctx.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("injected 500"), "{err}");
+    let first = error_policy(current(&fake), &err, ctx.clone());
+    let second = error_policy(current(&fake), &err, ctx.clone());
+    assert_eq!(
+        (first, second),
+        (
+            Action::requeue(Duration::from_secs(5)),
+            Action::requeue(Duration::from_secs(10))
+        )
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_reported_and_nothing_is_created() {
+    let (fake, ctx) = setup(json!({"scaling": {"minInstances": 8, "maxInstances": 2}}));
+    let action = converge(&fake, &ctx).await;
+    assert_eq!(action, Action::await_change());
+    let d = condition(&fake, "Degraded");
+    assert_eq!(d["reason"], "InvalidSpec");
+    assert!(
+        d["message"]
+            .as_str()
+            .unwrap()
+            .contains("scaling.minInstances must not be greater than scaling.maxInstances")
+    );
+    assert!(
+        !exists(&fake, "/deployments/"),
+        "nothing applied for an invalid spec"
+    );
+}
+
+/// moto's server from the project's venv, killed on drop.
+struct Moto(std::process::Child, String);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn moto() -> Moto {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bin = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server");
+    assert!(bin.exists(), "{} missing: run `make venv`", bin.display());
+    let child = std::process::Command::new(bin)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "moto_server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Moto(child, format!("http://127.0.0.1:{port}"))
+}
+
+#[tokio::test]
+async fn the_builtin_scaler_follows_a_real_queue() {
+    let moto = moto();
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&moto.1)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "test", "test", None, None, "emulator",
+        ))
+        .load()
+        .await;
+    let sqs = aws_sdk_sqs::Client::new(&conf);
+    let queue = sqs
+        .create_queue()
+        .queue_name("clip-input")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    for chunk in 0..3 {
+        let entries = (0..10)
+            .filter(|i| chunk * 10 + i < 25)
+            .map(|i| {
+                aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body("{}")
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        sqs.send_message_batch()
+            .queue_url(&queue)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .unwrap();
+    }
+    let fake = FakeApi::default();
+    // The spec carries the real-AWS form of the URL (what CEL accepts); the emulator resolves the
+    // queue by its name.
+    fake.insert(
+        CP,
+        manifest(json!({
+            "source": {"queueUrl": "https://sqs.us-east-1.amazonaws.com/123456789012/clip-input"},
+            "scaling": {"engine": "builtin", "cooldownSeconds": 2, "messagesPerInstance": 10},
+            "compute": {"nodePool": {"provisioner": "none"}}
+        })),
+    );
+    let ctx = Context::new(
+        fake.client(),
+        OperatorSettings::default(),
+        Arc::new(Metrics::default()),
+        None,
+        QueueReader::for_emulator(&moto.1),
+    );
+    let action = converge(&fake, &ctx).await;
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(15)),
+        "polls every pollingIntervalSeconds"
+    );
+    // 25 messages, 10 per worker: 3 workers, set through the scale subresource.
+    assert_eq!(fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"], 3);
+    assert!(
+        fake.seen()
+            .iter()
+            .any(|s| s.method == Method::PATCH && s.path.ends_with("/photos-worker/scale"))
+    );
+    let status = fake.get(CP).unwrap()["status"].clone();
+    assert_eq!(status["queue"]["visible"], 25);
+    assert!(status["lastScaleTime"].is_string() && status["lastActiveTime"].is_string());
+    assert_eq!(condition(&fake, "ScalerReady")["reason"], "QueueReadable");
+    assert_eq!(status["replicas"]["desired"], 3);
+
+    // Drained: the workers stay through the cooldown, then go to zero.
+    sqs.purge_queue().queue_url(&queue).send().await.unwrap();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert_eq!(
+        fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"],
+        3,
+        "cooldown holds"
+    );
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert_eq!(
+        fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"],
+        0,
+        "to zero after the cooldown"
+    );
+    assert_eq!(
+        condition(&fake, "WorkersAvailable")["reason"],
+        "ScaledToZero"
+    );
+}

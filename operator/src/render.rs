@@ -1,0 +1,165 @@
+//! `clip-operator render -f FILE`: offline and deterministic, every object the operator would
+//! apply for the `ClipProcessor`s in FILE, as multi-document YAML (for GitOps diffs and reviews).
+//! Owner references need the live object's uid, so they are left out; everything else is what
+//! the operator applies.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::crd::ClipProcessor;
+use crate::reconcile::build::{self, Children};
+use crate::reconcile::validate::{OperatorSettings, validate};
+
+/// Renders every `ClipProcessor` in `yaml` (one or many documents).
+pub fn render(yaml: &str, settings: &OperatorSettings) -> Result<String, String> {
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(yaml).enumerate() {
+        let value =
+            Value::deserialize(doc).map_err(|e| format!("document {}: not YAML: {e}", i + 1))?;
+        if value.is_null() {
+            continue;
+        }
+        let where_ = |msg: String| format!("document {}: {msg}", i + 1);
+        let (api_version, kind) = (
+            value["apiVersion"].as_str().unwrap_or(""),
+            value["kind"].as_str().unwrap_or(""),
+        );
+        if (api_version, kind) != ("lakechain.dev/v1alpha1", "ClipProcessor") {
+            return Err(where_(format!(
+                "expected apiVersion lakechain.dev/v1alpha1, kind ClipProcessor; got {api_version:?}, {kind:?}"
+            )));
+        }
+        let mut cp: ClipProcessor = serde_path_to_error::deserialize(value)
+            .map_err(|e| where_(format!("{}: {}", e.path(), e.inner())))?;
+        if cp.metadata.namespace.is_none() {
+            cp.metadata.namespace = Some("default".into());
+        }
+        let p = validate(&cp, settings).map_err(|e| {
+            where_(format!(
+                "{} is invalid: {}",
+                cp.metadata.name.clone().unwrap_or_default(),
+                e.0
+            ))
+        })?;
+        let Children {
+            service_account,
+            deployment,
+            persistent_volume,
+            persistent_volume_claim,
+            cache_warm_job,
+            node_pool,
+            trigger_authentication,
+            scaled_object,
+        } = build::children(&p);
+        let mut objects: Vec<Value> = Vec::new();
+        let mut push = |v: Result<Value, serde_json::Error>| objects.push(v.unwrap_or(Value::Null));
+        if let Some(x) = service_account {
+            push(serde_json::to_value(x));
+        }
+        if let Some(x) = persistent_volume {
+            push(serde_json::to_value(x));
+        }
+        if let Some(x) = persistent_volume_claim {
+            push(serde_json::to_value(x));
+        }
+        if let Some(x) = cache_warm_job {
+            push(serde_json::to_value(x));
+        }
+        if let Some(mut x) = deployment {
+            // What the first apply creates: the scaler takes it from 0.
+            if let Some(spec) = x.spec.as_mut() {
+                spec.replicas = Some(0);
+            }
+            push(serde_json::to_value(x));
+        }
+        if let Some(x) = node_pool {
+            push(serde_json::to_value(x));
+        }
+        if let Some(x) = trigger_authentication {
+            push(serde_json::to_value(x));
+        }
+        if let Some(x) = scaled_object {
+            push(serde_json::to_value(x));
+        }
+        for o in objects {
+            out.push(serde_yaml_ng::to_string(&o).map_err(|e| e.to_string())?);
+        }
+    }
+    if out.is_empty() {
+        return Err("no ClipProcessor in the input".into());
+    }
+    Ok(out.iter().map(|d| format!("---\n{d}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = r#"
+apiVersion: lakechain.dev/v1alpha1
+kind: ClipProcessor
+metadata: {name: photos, namespace: media}
+spec:
+  source: {queueUrl: "https://sqs.us-east-1.amazonaws.com/123456789012/clip-input"}
+  output: {topicArn: "arn:aws:sns:us-east-1:123456789012:clip-output"}
+  cacheStorage: {bucket: lakechain-cache}
+  modelCache: {efs: {fileSystemId: fs-0123456789abcdef0}}
+  scaling: {engine: keda}
+"#;
+
+    #[test]
+    fn renders_every_child_deterministically() {
+        let s = OperatorSettings::default();
+        let a = render(MANIFEST, &s).unwrap();
+        assert_eq!(a, render(MANIFEST, &s).unwrap());
+        let kinds: Vec<&str> = a.lines().filter_map(|l| l.strip_prefix("kind: ")).collect();
+        assert_eq!(
+            kinds,
+            [
+                "ServiceAccount",
+                "PersistentVolume",
+                "PersistentVolumeClaim",
+                "Job",
+                "Deployment",
+                "NodePool",
+                "TriggerAuthentication",
+                "ScaledObject"
+            ]
+        );
+        assert!(a.contains("replicas: 0"));
+    }
+
+    #[test]
+    fn invalid_manifests_name_the_problem() {
+        let s = OperatorSettings::default();
+        let e = render(
+            &MANIFEST.replace("engine: keda", "engine: keda, minInstances: 9"),
+            &s,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("scaling.minInstances must not be greater than scaling.maxInstances"),
+            "{e}"
+        );
+        let e = render(
+            &MANIFEST.replace("scaling: {engine: keda}", "scaling: {maxInstances: many}"),
+            &s,
+        )
+        .unwrap_err();
+        assert!(e.contains("spec.scaling.maxInstances"), "{e}");
+        let e = render(
+            &MANIFEST
+                .replace("model", "model: ViT-H/14\n  x")
+                .replace("  x", "  modelX"),
+            &s,
+        )
+        .unwrap_err();
+        assert!(e.contains("document 1"), "{e}");
+        let e = render("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n", &s).unwrap_err();
+        assert!(
+            e.contains("expected apiVersion lakechain.dev/v1alpha1"),
+            "{e}"
+        );
+        assert!(render("", &s).unwrap_err().contains("no ClipProcessor"));
+    }
+}
