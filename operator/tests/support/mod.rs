@@ -222,10 +222,8 @@ impl ControlPlane {
     ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(v) = self.get(args) {
-                if check(&v) {
-                    return v;
-                }
+            if let Some(v) = self.get(args).filter(|v| check(v)) {
+                return v;
             }
             assert!(
                 Instant::now() < deadline,
