@@ -18,7 +18,7 @@ export CLIP_FIXTURES := $(FIXTURES)
 CARGO ?= cargo
 CARGO_FLAGS := --release --locked
 
-.PHONY: help setup venv sysdeps build fixtures test test-rust validate-manifests envtest control-plane kube-tools lint fmt clippy demo bench crd clean
+.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo bench crd dashboard clean
 
 help:
 	@echo "make test    build everything and run every test (what CI runs)"
@@ -27,6 +27,7 @@ help:
 	@echo "make lint    cargo fmt --check + clippy -D warnings"
 	@echo "make crd     regenerate crds/ from the Rust types"
 	@echo "make envtest the operator against a real kube-apiserver + etcd (built from Go modules)"
+	@echo "make build-operator / build-worker   what the Dockerfiles build"
 
 setup: sysdeps venv
 
@@ -36,13 +37,20 @@ sysdeps:
 venv:
 	@bash scripts/venv.sh
 
-build: setup
-	$(CARGO) build $(CARGO_FLAGS) --workspace
+# The two binaries, built exactly as operator/Dockerfile and worker/Dockerfile build them.
+build: build-operator build-worker
+
+build-operator:
+	$(CARGO) build $(CARGO_FLAGS) -p clip-operator
+
+# Links the libtorch inside the venv's torch wheel (CUDA 13 build; rpath set by worker/build.rs).
+build-worker: setup
+	$(CARGO) build $(CARGO_FLAGS) -p clip-worker
 
 fixtures: venv
 	$(PY) tests/fixtures/make_fixtures.py $(FIXTURES)
 
-test: lint test-rust validate-manifests
+test: lint test-rust validate-manifests test-python
 
 test-rust: build fixtures control-plane kube-tools
 	$(CARGO) test $(CARGO_FLAGS) --workspace
@@ -59,6 +67,10 @@ kube-tools: venv
 envtest: build control-plane kube-tools
 	$(CARGO) test $(CARGO_FLAGS) -p clip-operator --test control_plane -- --nocapture
 
+# The chart, the Argo CD health check and the container images (helm, lua, the built binaries).
+test-python: build kube-tools
+	$(PY) -m pytest -q tests/chart tests/argocd tests/images
+
 # Every object `clip-operator render` emits for examples/, against the Kubernetes schemas and the
 # upstream Karpenter/KEDA CRDs.
 validate-manifests: build
@@ -67,6 +79,11 @@ validate-manifests: build
 # Regenerates crds/ from the Rust types (a test fails when the committed file is stale).
 crd: build
 	target/release/clip-operator crd > crds/clipprocessors.lakechain.dev.yaml
+	cp crds/clipprocessors.lakechain.dev.yaml charts/clip-operator/crds/
+
+# Regenerates the Grafana dashboard shipped in the chart.
+dashboard:
+	python3 scripts/gen-dashboard.py
 
 lint: setup
 	$(CARGO) fmt --all -- --check

@@ -97,7 +97,7 @@ struct RunArgs {
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
     /// Lease duration in seconds.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, env = "LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
     lease_seconds: u64,
 }
 

@@ -10,7 +10,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{ControlPlane, Moto, Operator, path};
+use support::{ControlPlane, Moto, Operator, argo_health, path};
 
 const NS: &str = "media";
 const T: Duration = Duration::from_secs(60);
@@ -74,19 +74,28 @@ fn node_pool(cp: &ControlPlane) -> Option<Value> {
     list["items"].as_array()?.first().cloned()
 }
 
-#[test]
-fn operator_on_a_real_control_plane() {
-    let cp = ControlPlane::start();
-    let rt = tokio::runtime::Runtime::new().unwrap();
+/// The tests share the machine's two cores: one control plane at a time keeps the lease and
+/// cooldown timings meaningful.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-    // --- CRDs: ours and the upstream Karpenter/KEDA ones, so every object we emit is validated.
-    cp.ok(&["apply", "-f", path("crds").to_str().unwrap()]);
+fn upstream_crds(cp: &ControlPlane) {
     let upstream = std::process::Command::new("bash")
         .arg(path("scripts/upstream-crds.sh"))
         .output()
         .unwrap();
     let upstream = String::from_utf8(upstream.stdout).unwrap();
     cp.ok(&["apply", "-f", upstream.trim()]);
+}
+
+#[test]
+fn operator_on_a_real_control_plane() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cp = ControlPlane::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // --- CRDs: ours and the upstream Karpenter/KEDA ones, so every object we emit is validated.
+    cp.ok(&["apply", "-f", path("crds").to_str().unwrap()]);
+    upstream_crds(&cp);
     for crd in [
         "clipprocessors.lakechain.dev",
         "nodepools.karpenter.sh",
@@ -477,5 +486,277 @@ fn operator_on_a_real_control_plane() {
         pv["metadata"]["finalizers"],
         serde_json::json!(["kubernetes.io/pv-protection"]),
         "only the platform's finalizer holds it"
+    );
+}
+
+/// `helm install` of the chart, then the operator running with exactly the chart's RBAC (the
+/// token of the chart's ServiceAccount) reconciles a processor end to end; `helm uninstall` leaves
+/// only the CRD behind.
+#[test]
+fn helm_chart_on_a_real_control_plane() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cp = ControlPlane::start();
+    upstream_crds(&cp);
+    let chart = path("charts/clip-operator");
+    let out = cp.helm(&[
+        "install",
+        "clip-operator",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "clip-system",
+        "--create-namespace",
+        "--set",
+        "serviceAccount.roleArn=arn:aws:iam::123456789012:role/clip-operator",
+        "--set",
+        "worker.image.tag=test",
+        "--set",
+        "logFormat=text",
+    ]);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let notes = String::from_utf8_lossy(&out.stdout);
+    assert!(notes.contains("kubectl get clipprocessors -A"), "{notes}");
+
+    // What the release created.
+    cp.ok(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/clipprocessors.lakechain.dev",
+    ]);
+    let d = cp
+        .get(&["deployment", "clip-operator", "-n", "clip-system"])
+        .expect("the operator Deployment");
+    let pod = &d["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "clip-operator");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    let env = |name: &str| {
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .map(str::to_string)
+    };
+    assert_eq!(
+        env("WORKER_IMAGE").as_deref(),
+        Some("ghcr.io/clip-operator/clip-worker:test")
+    );
+    assert_eq!(env("LOG_FORMAT").as_deref(), Some("text"));
+    let sa = cp
+        .get(&["serviceaccount", "clip-operator", "-n", "clip-system"])
+        .expect("the ServiceAccount");
+    assert_eq!(
+        sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::123456789012:role/clip-operator"
+    );
+    for what in [
+        "service/clip-operator-metrics",
+        "poddisruptionbudget/clip-operator",
+    ] {
+        cp.ok(&["get", what, "-n", "clip-system"]);
+    }
+
+    // The API server's own answer on what the ServiceAccount may do.
+    let me = "system:serviceaccount:clip-system:clip-operator";
+    let can = |args: &[&str]| {
+        let mut a = vec!["auth", "can-i", "--as", me];
+        a.extend_from_slice(args);
+        let out = cp.kubectl(&a);
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    for allowed in [
+        &["watch", "clipprocessors.lakechain.dev", "--all-namespaces"][..],
+        &[
+            "patch",
+            "clipprocessors.lakechain.dev",
+            "--subresource=status",
+            "-n",
+            NS,
+        ],
+        &["patch", "deployments.apps", "--subresource=scale", "-n", NS],
+        &["create", "jobs.batch", "-n", NS],
+        &["create", "persistentvolumes"],
+        &["delete", "nodepools.karpenter.sh"],
+        &["create", "scaledobjects.keda.sh", "-n", NS],
+        &["create", "events.events.k8s.io", "-n", NS],
+        &["update", "leases.coordination.k8s.io", "-n", "clip-system"],
+    ] {
+        assert!(can(allowed), "the operator may not {allowed:?}");
+    }
+    for denied in [
+        &["get", "secrets", "-n", NS][..],
+        &["create", "pods", "-n", NS],
+        &["update", "leases.coordination.k8s.io", "-n", "kube-system"],
+        &["delete", "namespaces"],
+        &["create", "clusterroles.rbac.authorization.k8s.io"],
+        &["delete", "customresourcedefinitions.apiextensions.k8s.io"],
+        &["create", "clipprocessors.lakechain.dev", "-n", NS],
+    ] {
+        assert!(!can(denied), "the operator may {denied:?}");
+    }
+
+    // The operator with the ServiceAccount's token: the chart's RBAC is enough for a full
+    // lifecycle (create, scale, status, events, delete with the finalizer).
+    let token = cp.ok(&[
+        "create",
+        "token",
+        "clip-operator",
+        "-n",
+        "clip-system",
+        "--duration=1h",
+    ]);
+    let kubeconfig = cp.kubeconfig_for("clip-operator", token.trim());
+    let moto = Moto::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sqs = rt.block_on(moto.sqs());
+    let queue = rt
+        .block_on(sqs.create_queue().queue_name("clip-input").send())
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let mut op = Operator::start_as(
+        &cp,
+        &moto,
+        "chart-operator",
+        &kubeconfig,
+        &[("POD_NAMESPACE", "clip-system")],
+    );
+    cp.ok(&["create", "namespace", NS]);
+    assert!(
+        cp.apply(&(manifest("") + &scaling("builtin", 2)))
+            .status
+            .success()
+    );
+    let cr = cp.wait(
+        "status written with the chart's RBAC",
+        T,
+        &["clipprocessor", "photos", "-n", NS],
+        |v| condition(v, "ScalerReady").is_some_and(|c| c["status"] == "True"),
+    );
+    assert_eq!(cr["metadata"]["finalizers"][0], "lakechain.dev/cleanup");
+    let np_name = node_pool(&cp).expect("NodePool")["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Argo CD's view of the real status: warming the cache is Progressing ...
+    let (health, message) = argo_health(&cr);
+    assert_eq!(health, "Progressing", "{message}");
+    assert!(!message.is_empty());
+    // ... and once the cache-warm Job succeeds and Karpenter reports the NodePool ready (their
+    // controllers do not run here: their status is written as they would), a processor at zero
+    // workers is Healthy.
+    cp.ok(&[
+        "patch",
+        "job",
+        "photos-cache-warm-vit-b-32",
+        "-n",
+        NS,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"startTime":"2026-01-01T00:00:00Z","succeeded":1}}"#,
+    ]);
+    cp.ok(&[
+        "patch",
+        "nodepools.karpenter.sh",
+        &np_name,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"conditions":[{"type":"Ready","status":"True","reason":"Ready","message":"","lastTransitionTime":"2026-01-01T00:00:00Z","observedGeneration":1}]}}"#,
+    ]);
+    let cr = cp.wait(
+        "Ready at zero workers",
+        T,
+        &["clipprocessor", "photos", "-n", NS],
+        |v| condition(v, "Ready").is_some_and(|c| c["status"] == "True"),
+    );
+    assert_eq!(argo_health(&cr).0, "Healthy", "{:?}", argo_health(&cr));
+    for child in [
+        &["serviceaccount", "photos-worker", "-n", NS][..],
+        &["pvc", "photos-model-cache", "-n", NS],
+        &["job", "photos-cache-warm-vit-b-32", "-n", NS],
+    ] {
+        assert!(cp.get(child).is_some(), "no {child:?}");
+    }
+    rt.block_on(
+        sqs.send_message()
+            .queue_url(&queue)
+            .message_body("{}")
+            .send(),
+    )
+    .unwrap();
+    cp.wait(
+        "scaled through deployments/scale",
+        T,
+        &["deployment", "photos-worker", "-n", NS],
+        |d| d["spec"]["replicas"] == 1,
+    );
+    // Scaling from zero: workers starting, Argo CD shows Progressing with the operator's words.
+    let cr = cp.wait(
+        "workers starting",
+        T,
+        &["clipprocessor", "photos", "-n", NS],
+        |v| condition(v, "Progressing").is_some_and(|c| c["status"] == "True"),
+    );
+    let (health, message) = argo_health(&cr);
+    assert_eq!(health, "Progressing");
+    assert_eq!(
+        message,
+        condition(&cr, "Progressing").unwrap()["message"]
+            .as_str()
+            .unwrap()
+    );
+    let events = cp.ok(&["get", "events", "-n", NS, "-o", "json"]);
+    assert!(events.contains("photos"), "no events recorded: {events}");
+    cp.ok(&[
+        "delete",
+        "clipprocessor",
+        "photos",
+        "-n",
+        NS,
+        "--wait=false",
+    ]);
+    cp.wait_gone(
+        "the ClipProcessor (finalizer ran)",
+        T,
+        &["clipprocessor", "photos", "-n", NS],
+    );
+    cp.wait_gone("the NodePool", T, &["nodepools.karpenter.sh", &np_name]);
+    let logs = op.logs();
+    assert!(
+        !logs.contains("forbidden"),
+        "the operator hit an RBAC denial:\n{logs}"
+    );
+    op.stop();
+
+    // Uninstall: the release's objects go, the CRD (and so users' processors) stays.
+    let out = cp.helm(&["uninstall", "clip-operator", "--namespace", "clip-system"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for gone in [
+        &["deployment", "clip-operator", "-n", "clip-system"][..],
+        &["serviceaccount", "clip-operator", "-n", "clip-system"],
+        &["clusterrole", "clip-operator"],
+        &["clusterrolebinding", "clip-operator"],
+        &["role", "clip-operator-leader-election", "-n", "clip-system"],
+    ] {
+        cp.wait_gone("a release object", T, gone);
+    }
+    assert!(
+        cp.get(&["crd", "clipprocessors.lakechain.dev"]).is_some(),
+        "helm uninstall must keep the CRD"
     );
 }

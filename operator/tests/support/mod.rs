@@ -60,7 +60,9 @@ impl ControlPlane {
     pub fn start() -> ControlPlane {
         let bin = script_dir("control-plane.sh");
         let tools = script_dir("kube-tools.sh");
-        let dir = std::env::temp_dir().join(format!("clip-cp-{}", std::process::id()));
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("clip-cp-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("certs")).unwrap();
         let (etcd_port, peer_port, api_port) = (free_port(), free_port(), free_port());
@@ -239,6 +241,22 @@ impl ControlPlane {
         wait_for(what, timeout, || self.get(args).is_none());
     }
 
+    /// A kubeconfig that authenticates with a bearer token (e.g. a ServiceAccount's).
+    pub fn kubeconfig_for(&self, name: &str, token: &str) -> PathBuf {
+        let path = self.dir.join(format!("kubeconfig-{name}"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    insecure-skip-tls-verify: true\n\
+                 users:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: {name}\n\
+                 current-context: test\n",
+                self.server
+            ),
+        )
+        .unwrap();
+        path
+    }
+
     pub fn helm(&self, args: &[&str]) -> Output {
         Command::new(self.tools.join("helm"))
             .arg("--kubeconfig")
@@ -319,6 +337,17 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(cp: &ControlPlane, moto: &Moto, identity: &str) -> Operator {
+        Operator::start_as(cp, moto, identity, &cp.kubeconfig, &[])
+    }
+
+    /// Starts the operator with the credentials in `kubeconfig` and extra environment.
+    pub fn start_as(
+        cp: &ControlPlane,
+        moto: &Moto,
+        identity: &str,
+        kubeconfig: &Path,
+        env: &[(&str, &str)],
+    ) -> Operator {
         let metrics_port = free_port();
         let log = cp.dir.join(format!("operator-{identity}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_clip-operator"))
@@ -331,7 +360,8 @@ impl Operator {
                 "--lease-seconds",
                 "4",
             ])
-            .env("KUBECONFIG", &cp.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
+            .envs(env.iter().copied())
             .env("AWS_ENDPOINT_URL", &moto.endpoint)
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -378,6 +408,34 @@ impl Drop for Operator {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Argo CD's verdict on an object: runs examples/argocd/health.lua through
+/// tests/argocd/health.py (Lua 5.4 from scripts/sysdeps.sh). Returns (status, message).
+pub fn argo_health(obj: &Value) -> (String, String) {
+    use std::io::Write;
+    let mut child = Command::new("python3")
+        .arg(path("tests/argocd/health.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(obj.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "health.lua: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (status, message) = text.trim_end().split_once('\n').unwrap_or((&text, ""));
+    (status.to_string(), message.to_string())
 }
 
 /// Path of a file in the repository.

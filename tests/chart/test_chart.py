@@ -1,0 +1,237 @@
+"""The Helm chart: lint, render with default and non-default values, validate every object
+against the Kubernetes schemas, the values schema, the CRD copy, least-privilege RBAC, and that
+the Deployment only sets settings the operator reads."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts/clip-operator"
+K8S = "1.35.0"
+OPERATOR = pathlib.Path(os.environ.get("CLIP_OPERATOR_BIN", ROOT / "target/release/clip-operator"))
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    tools = subprocess.run(["bash", str(ROOT / "scripts/kube-tools.sh")], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    return f"{tools}/helm"
+
+
+def template(helm: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([helm, "template", "clip", str(CHART), "--namespace", "clip-system",
+                           "--include-crds", *args], capture_output=True, text=True)
+
+
+def render(helm: str, *args: str) -> list[dict]:
+    out = template(helm, *args)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_helm_lint_is_clean(helm):
+    for extra in ([], ["-f", str(ROOT / "tests/chart/values-full.yaml")]):
+        out = subprocess.run([helm, "lint", "--strict", str(CHART), *extra], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(ROOT / "tests/chart/values-full.yaml")]],
+                         ids=["default", "full"])
+def test_every_rendered_object_is_valid_kubernetes(helm, values):
+    docs = render(helm, *values)
+    kinds = sorted({d["kind"] for d in docs})
+    for doc in docs:
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # prometheus-operator kinds: checked below
+        kubernetes_validate.validate(doc, K8S, strict=True)
+    expected = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment",
+                "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount"}
+    if values:
+        expected |= {"ConfigMap", "PodMonitor", "ServiceMonitor"}
+    assert set(kinds) == expected
+
+
+def test_default_deployment_is_hardened_and_highly_available(helm):
+    (d,) = by_kind(render(helm), "Deployment")
+    spec = d["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert d["spec"]["replicas"] >= 2
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    (pdb,) = by_kind(render(helm), "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == d["spec"]["selector"]["matchLabels"]
+
+
+def test_values_reach_the_operator(helm):
+    docs = render(helm, "-f", str(ROOT / "tests/chart/values-full.yaml"))
+    (d,) = by_kind(docs, "Deployment")
+    spec = d["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert c["image"] == "123456789012.dkr.ecr.us-east-1.amazonaws.com/clip-operator:v0.1.0-rc1"
+    assert env["WORKER_IMAGE"] == "123456789012.dkr.ecr.us-east-1.amazonaws.com/clip-worker:v0.1.0-rc1-cu130"
+    assert env["WORKER_IMAGE_PULL_POLICY"] == "Always"
+    assert env["LOG_FORMAT"] == "text" and env["LOG_LEVEL"] == "clip_operator=debug,info"
+    assert env["METRICS_PORT"] == "9090" and c["ports"][0]["containerPort"] == 9090
+    assert env["LEASE_NAME"] == "clip-controller-leader" and env["LEASE_SECONDS"] == "30"
+    assert spec["serviceAccountName"] == "clip-controller"
+    assert spec["priorityClassName"] == "system-cluster-critical"
+    assert spec["tolerations"][0]["key"] == "CriticalAddonsOnly"
+    (sa,) = by_kind(docs, "ServiceAccount")
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == "arn:aws:iam::123456789012:role/clip-operator"
+    for binding in by_kind(docs, "ClusterRoleBinding") + by_kind(docs, "RoleBinding"):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "clip-controller", "namespace": "clip-system"}]
+    (svc,) = by_kind(docs, "Service")
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    assert sm["spec"]["endpoints"][0]["port"] == svc["spec"]["ports"][0]["name"]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (pm,) = by_kind(docs, "PodMonitor")
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "http"
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    (cm,) = by_kind(docs, "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(cm["data"]["clip-operator.json"])
+    assert shipped == json.loads((CHART / "dashboards/clip-operator.json").read_text())
+
+
+def test_worker_pod_monitor_selects_the_pods_the_operator_creates(helm):
+    (pm,) = by_kind(render(helm, "--set", "metrics.workerPodMonitor.enabled=true"), "PodMonitor")
+    example = ROOT / "examples/karpenter-efs-builtin.yaml"
+    out = subprocess.run([str(OPERATOR), "render", "-f", str(example)], capture_output=True, text=True, check=True)
+    (worker,) = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "Deployment"]
+    labels = worker["spec"]["template"]["metadata"]["labels"]
+    assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ports = [p["name"] for p in worker["spec"]["template"]["spec"]["containers"][0]["ports"]]
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] in ports
+    assert any(r["sourceLabels"] == ["__meta_kubernetes_pod_label_lakechain_dev_processor"]
+               for r in pm["spec"]["podMetricsEndpoints"][0]["relabelings"])
+    assert "lakechain.dev/processor" in labels
+
+
+def test_every_env_the_chart_sets_is_read_by_the_operator(helm):
+    (d,) = by_kind(render(helm), "Deployment")
+    help_text = subprocess.run([str(OPERATOR), "run", "--help"], capture_output=True, text=True, check=True).stdout
+    read = set(re.findall(r"\[env: ([A-Z_]+)=?", help_text))
+    for e in d["spec"]["template"]["spec"]["containers"][0]["env"]:
+        assert e["name"] in read, f"the chart sets {e['name']}, which `clip-operator run` does not read"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "unknownKey=1"], "additional properties 'unknownKey' not allowed"),
+    (["--set", "metrics.serviceMonitor.scrapeTimeout=10s"], "additional properties 'scrapeTimeout' not allowed"),
+    (["--set", "replicaCount=two"], "/replicaCount"),
+    (["--set", "replicaCount=0"], "/replicaCount"),
+    (["--set", "logFormat=xml"], "/logFormat"),
+    (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+    (["--set", "serviceAccount.roleArn=arn:aws:iam::123:user/me"], "/serviceAccount/roleArn"),
+    (["--set", "metrics.port=80"], "/metrics/port"),
+    (["--set", "leaderElection.leaseSeconds=1"], "/leaderElection/leaseSeconds"),
+    (["--set", "resources.requests.memory=lots"], "/resources/requests/memory"),
+    (["--set", "metrics.serviceMonitor.interval=often"], "/metrics/serviceMonitor/interval"),
+    (["--set", "podDisruptionBudget.enabled=maybe"], "/podDisruptionBudget/enabled"),
+    (["--set-json", "nodeSelector={\"a\": 1}"], "/nodeSelector/a"),
+])
+def test_values_schema_rejects_bad_values(helm, args, message):
+    out = template(helm, *args)
+    assert out.returncode != 0, f"{args} accepted"
+    assert message in out.stderr, out.stderr
+
+
+def test_every_value_is_documented_and_in_the_schema():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def walk(node, schema_node, path):
+        assert schema_node.get("additionalProperties") is False, f"{path or '<root>'}: schema allows unknown keys"
+        for key, value in node.items():
+            assert key in schema_node["properties"], f"{path}{key} is not in values.schema.json"
+            sub = schema_node["properties"][key]
+            if isinstance(value, dict) and "properties" in sub:
+                walk(value, sub, f"{path}{key}.")
+
+    walk(yaml.safe_load((CHART / "values.yaml").read_text()), schema, "")
+
+    # Line by line: every key is documented by a "# --" comment right above it, or sits inside a
+    # block whose key is (e.g. resources.requests.cpu under "# -- Operator container resources.").
+    documented_blocks: list[tuple[int, bool]] = []  # (indent, documented)
+    comments: list[str] = []  # the comment block right above the current line
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        m = re.match(r"^(\s*)([A-Za-z][\w.-]*):", line)
+        if m:
+            indent = len(m.group(1))
+            while documented_blocks and documented_blocks[-1][0] >= indent:
+                documented_blocks.pop()
+            here = any(c.startswith("# --") for c in comments)
+            inherited = any(d for _, d in documented_blocks)
+            is_parent = line.rstrip().endswith(":")
+            assert here or inherited or is_parent, f"values.yaml: {line.strip()} is not documented"
+            documented_blocks.append((indent, here))
+        comments = comments + [line.strip()] if line.strip().startswith("#") else []
+
+
+def test_the_chart_crd_is_the_generated_one():
+    assert (CHART / "crds/clipprocessors.lakechain.dev.yaml").read_bytes() == \
+        (ROOT / "crds/clipprocessors.lakechain.dev.yaml").read_bytes(), \
+        "charts/clip-operator/crds/ is stale: cp crds/clipprocessors.lakechain.dev.yaml charts/clip-operator/crds/"
+
+
+def test_rbac_is_least_privilege(helm):
+    docs = render(helm)
+    rules = {}
+    for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+        for r in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in r[field], f"{role['metadata']['name']}: wildcard in {field}"
+            assert "resourceNames" not in r or r["resourceNames"]
+            for g in r["apiGroups"]:
+                for res in r["resources"]:
+                    rules.setdefault((role["kind"], g, res), set()).update(r["verbs"])
+    # Exactly what the operator touches (issue 6's list); anything else is a review item.
+    assert set(rules) == {
+        ("ClusterRole", "lakechain.dev", "clipprocessors"),
+        ("ClusterRole", "lakechain.dev", "clipprocessors/status"),
+        ("ClusterRole", "lakechain.dev", "clipprocessors/finalizers"),
+        ("ClusterRole", "apps", "deployments"),
+        ("ClusterRole", "apps", "deployments/scale"),
+        ("ClusterRole", "batch", "jobs"),
+        ("ClusterRole", "", "persistentvolumeclaims"),
+        ("ClusterRole", "", "persistentvolumes"),
+        ("ClusterRole", "", "serviceaccounts"),
+        ("ClusterRole", "events.k8s.io", "events"),
+        ("ClusterRole", "karpenter.sh", "nodepools"),
+        ("ClusterRole", "keda.sh", "scaledobjects"),
+        ("ClusterRole", "keda.sh", "triggerauthentications"),
+        ("Role", "coordination.k8s.io", "leases"),
+    }
+    for key, verbs in rules.items():
+        assert not verbs & {"escalate", "bind", "impersonate"}, key
+    assert "create" not in rules[("ClusterRole", "lakechain.dev", "clipprocessors")], "users create processors"
+    assert "delete" not in rules[("ClusterRole", "lakechain.dev", "clipprocessors")]
+    (role,) = by_kind(docs, "Role")
+    assert role["metadata"]["namespace"] == "clip-system", "leases only in the release namespace"
+
+
+def test_notes_tell_the_user_what_to_do_next(helm):
+    # helm template does not render NOTES; `helm install --dry-run` does.
+    out = subprocess.run([helm, "install", "clip", str(CHART), "--dry-run=client", "--namespace", "clip-system"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "kubectl get clipprocessors -A" in out.stdout
+    assert "serviceAccount.roleArn is empty" in out.stdout
