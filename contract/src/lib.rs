@@ -3,6 +3,7 @@
 //! tested against the same list. No dependencies: the operator does not link libtorch.
 
 pub mod env;
+pub mod metrics;
 pub mod model;
 
 pub use model::{DEFAULT_MODEL, MODELS, ModelSpec};

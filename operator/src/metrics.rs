@@ -150,3 +150,62 @@ impl Metrics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dashboard_and_the_operations_guide_query_metrics_that_exist() {
+        let m = Metrics::default();
+        m.reconciles.inc();
+        m.failures
+            .get_or_create(&ErrorLabels {
+                error: "kube".into(),
+            })
+            .inc();
+        m.duration.observe(0.1);
+        let p = ProcessorLabels {
+            namespace: "media".into(),
+            name: "photos".into(),
+        };
+        m.condition
+            .get_or_create(&ConditionLabels {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                condition: "Ready".into(),
+            })
+            .set(1);
+        m.decisions
+            .get_or_create(&DecisionLabels {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                reason: "scale-up".into(),
+            })
+            .inc();
+        m.desired_replicas.get_or_create(&p).set(2);
+        m.queue_messages
+            .get_or_create(&QueueLabels {
+                namespace: p.namespace.clone(),
+                name: p.name.clone(),
+                state: "visible".into(),
+            })
+            .set(5);
+        let exposed = clip_contract::metrics::exposed(&m.encode());
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for doc in [
+            "charts/clip-operator/dashboards/clip-operator.json",
+            "docs/operations.md",
+        ] {
+            let text = std::fs::read_to_string(root.join(doc)).unwrap();
+            let names = clip_contract::metrics::referenced(&text, "clip_operator_");
+            assert!(!names.is_empty(), "{doc} names no operator metric");
+            for name in names {
+                assert!(
+                    exposed.contains(&name),
+                    "{doc} uses {name}, which the operator does not export: {exposed:?}"
+                );
+            }
+        }
+    }
+}

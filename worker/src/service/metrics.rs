@@ -202,4 +202,46 @@ mod tests {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
     }
+
+    #[test]
+    fn the_dashboard_and_the_operations_guide_query_metrics_that_exist() {
+        use MessageOutcome::*;
+        let m = Metrics::default();
+        for o in [
+            Succeeded,
+            Forwarded,
+            Skipped,
+            Ignored,
+            FailedPermanent,
+            RetriedTransient,
+            Released,
+        ] {
+            m.message(o);
+        }
+        m.stage(Stage::Fetch, 0.01);
+        m.batch_size.observe(4.0);
+        m.queue_wait_seconds.observe(1.0);
+        let text = m.encode();
+        let exposed = clip_contract::metrics::exposed(&text);
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for doc in [
+            "charts/clip-operator/dashboards/clip-operator.json",
+            "docs/operations.md",
+        ] {
+            let body = std::fs::read_to_string(root.join(doc)).unwrap();
+            let names = clip_contract::metrics::referenced(&body, "clip_worker_");
+            assert!(!names.is_empty(), "{doc} names no worker metric");
+            for name in names {
+                assert!(
+                    exposed.contains(&name),
+                    "{doc} uses {name}, which the worker does not export: {exposed:?}"
+                );
+            }
+            for outcome in ["failed_permanent", "retried_transient"] {
+                if body.contains(outcome) {
+                    assert!(text.contains(&format!("outcome=\"{outcome}\"")));
+                }
+            }
+        }
+    }
 }
