@@ -8,17 +8,6 @@ pub mod model;
 
 pub use model::{DEFAULT_MODEL, MODELS, ModelSpec};
 
-/// MIME types the worker embeds (the seed's list), in the seed's order.
-pub const SUPPORTED_MIME_TYPES: [&str; 7] = [
-    "image/bmp",
-    "image/gif",
-    "image/jpeg",
-    "image/png",
-    "image/tiff",
-    "image/webp",
-    "image/x-pcx",
-];
-
 /// Port of the worker's HTTP endpoints (`/healthz`, `/readyz`, `/metrics`).
 pub const WORKER_HTTP_PORT: u16 = 8080;
 /// Liveness endpoint.

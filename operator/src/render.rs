@@ -51,38 +51,37 @@ pub fn render(yaml: &str, settings: &OperatorSettings) -> Result<String, String>
             trigger_authentication,
             scaled_object,
         } = build::children(&p);
-        let mut objects: Vec<Value> = Vec::new();
-        let mut push = |v: Result<Value, serde_json::Error>| objects.push(v.unwrap_or(Value::Null));
+        let mut emit = |yaml: Result<String, serde_yaml_ng::Error>| {
+            out.push(yaml.map_err(|e| where_(e.to_string()))?);
+            Ok::<_, String>(())
+        };
         if let Some(x) = service_account {
-            push(serde_json::to_value(x));
+            emit(serde_yaml_ng::to_string(&x))?;
         }
         if let Some(x) = persistent_volume {
-            push(serde_json::to_value(x));
+            emit(serde_yaml_ng::to_string(&x))?;
         }
         if let Some(x) = persistent_volume_claim {
-            push(serde_json::to_value(x));
+            emit(serde_yaml_ng::to_string(&x))?;
         }
         if let Some(x) = cache_warm_job {
-            push(serde_json::to_value(x));
+            emit(serde_yaml_ng::to_string(&x))?;
         }
         if let Some(mut x) = deployment {
             // What the first apply creates: the scaler takes it from 0.
             if let Some(spec) = x.spec.as_mut() {
                 spec.replicas = Some(0);
             }
-            push(serde_json::to_value(x));
+            emit(serde_yaml_ng::to_string(&x))?;
         }
         if let Some(x) = node_pool {
-            push(serde_json::to_value(x));
+            emit(serde_yaml_ng::to_string(&x))?;
         }
         if let Some(x) = trigger_authentication {
-            push(serde_json::to_value(x));
+            emit(serde_yaml_ng::to_string(&x))?;
         }
         if let Some(x) = scaled_object {
-            push(serde_json::to_value(x));
-        }
-        for o in objects {
-            out.push(serde_yaml_ng::to_string(&o).map_err(|e| e.to_string())?);
+            emit(serde_yaml_ng::to_string(&x))?;
         }
     }
     if out.is_empty() {

@@ -87,6 +87,24 @@ fn upstream_crds(cp: &ControlPlane) {
     cp.ok(&["apply", "-f", upstream.trim()]);
 }
 
+/// `kubectl delete` the processor; its finalizer must run and remove the NodePool.
+fn delete_processor(cp: &ControlPlane, node_pool: &str) {
+    cp.ok(&[
+        "delete",
+        "clipprocessor",
+        "photos",
+        "-n",
+        NS,
+        "--wait=false",
+    ]);
+    cp.wait_gone(
+        "the ClipProcessor (finalizer ran)",
+        T,
+        &["clipprocessor", "photos", "-n", NS],
+    );
+    cp.wait_gone("the NodePool", T, &["nodepools.karpenter.sh", node_pool]);
+}
+
 #[test]
 fn operator_on_a_real_control_plane() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -463,20 +481,7 @@ fn operator_on_a_real_control_plane() {
     assert!(standby.is_leader(), "{}", standby.logs());
 
     // --- Delete: the finalizer removes the cluster-scoped NodePool and PersistentVolume.
-    cp.ok(&[
-        "delete",
-        "clipprocessor",
-        "photos",
-        "-n",
-        NS,
-        "--wait=false",
-    ]);
-    cp.wait_gone(
-        "the ClipProcessor",
-        T,
-        &["clipprocessor", "photos", "-n", NS],
-    );
-    cp.wait_gone("the NodePool", T, &["nodepools.karpenter.sh", &np_name]);
+    delete_processor(&cp, &np_name);
     // The API server puts kubernetes.io/pv-protection on every PV; kube-controller-manager (not
     // running here) removes it once unbound. The operator's part is the delete: it is requested.
     let pv = cp.wait("the PersistentVolume deleted", T, &["pv", &pv_name], |pv| {
@@ -718,20 +723,7 @@ fn helm_chart_on_a_real_control_plane() {
     );
     let events = cp.ok(&["get", "events", "-n", NS, "-o", "json"]);
     assert!(events.contains("photos"), "no events recorded: {events}");
-    cp.ok(&[
-        "delete",
-        "clipprocessor",
-        "photos",
-        "-n",
-        NS,
-        "--wait=false",
-    ]);
-    cp.wait_gone(
-        "the ClipProcessor (finalizer ran)",
-        T,
-        &["clipprocessor", "photos", "-n", NS],
-    );
-    cp.wait_gone("the NodePool", T, &["nodepools.karpenter.sh", &np_name]);
+    delete_processor(&cp, &np_name);
     let logs = op.logs();
     assert!(
         !logs.contains("forbidden"),

@@ -326,16 +326,12 @@ async fn delete_orphans(
     let sel = selector(&p.name, &p.namespace);
     let client = ctx.client.clone();
     let ns = p.namespace.as_str();
-    let keep = |name: Option<String>| name.into_iter().collect::<Vec<_>>();
-    let name_of = |m: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>| {
-        m.and_then(|m| m.name.clone())
-    };
     let mut deleted = Vec::new();
     deleted.extend(
         apply::delete_orphans(
             Api::<Job>::namespaced(client.clone(), ns),
             &sel,
-            &keep(name_of(c.cache_warm_job.as_ref().map(|j| &j.metadata))),
+            &keep(&c.cache_warm_job),
         )
         .await?,
     );
@@ -343,9 +339,7 @@ async fn delete_orphans(
         apply::delete_orphans(
             Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
             &sel,
-            &keep(name_of(
-                c.persistent_volume_claim.as_ref().map(|x| &x.metadata),
-            )),
+            &keep(&c.persistent_volume_claim),
         )
         .await?,
     );
@@ -353,7 +347,7 @@ async fn delete_orphans(
         apply::delete_orphans(
             Api::<PersistentVolume>::all(client.clone()),
             &sel,
-            &keep(name_of(c.persistent_volume.as_ref().map(|x| &x.metadata))),
+            &keep(&c.persistent_volume),
         )
         .await?,
     );
@@ -361,7 +355,7 @@ async fn delete_orphans(
         apply::delete_orphans(
             Api::<NodePool>::all(client.clone()),
             &sel,
-            &keep(name_of(c.node_pool.as_ref().map(|x| &x.metadata))),
+            &keep(&c.node_pool),
         )
         .await?,
     );
@@ -369,7 +363,7 @@ async fn delete_orphans(
         apply::delete_orphans(
             Api::<ScaledObject>::namespaced(client.clone(), ns),
             &sel,
-            &keep(name_of(c.scaled_object.as_ref().map(|x| &x.metadata))),
+            &keep(&c.scaled_object),
         )
         .await?,
     );
@@ -377,9 +371,7 @@ async fn delete_orphans(
         apply::delete_orphans(
             Api::<TriggerAuthentication>::namespaced(client.clone(), ns),
             &sel,
-            &keep(name_of(
-                c.trigger_authentication.as_ref().map(|x| &x.metadata),
-            )),
+            &keep(&c.trigger_authentication),
         )
         .await?,
     );
@@ -387,6 +379,11 @@ async fn delete_orphans(
         tracing::info!(processor = %format!("{ns}/{}", p.name), deleted = ?deleted, "removed children the spec no longer wants");
     }
     Ok(())
+}
+
+/// The name of a wanted child, as the list of names `apply::delete_orphans` keeps.
+fn keep<K: Resource>(child: &Option<K>) -> Vec<String> {
+    child.iter().map(|c| c.name_any()).collect()
 }
 
 /// One builtin-scaler tick: read the queue, decide, set the Deployment's scale.

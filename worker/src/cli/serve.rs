@@ -146,7 +146,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let model = ModelSettings {
         weights: args.weights.config(),
-        spec: args.weights.model,
         device: args.device,
         precision: args.precision,
         labels,

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::aws::Aws;
 use crate::engine::{Engine, EngineConfig};
-use crate::model::{ModelSpec, Placement};
+use crate::model::Placement;
 use crate::preprocess::Preprocessor;
 use crate::weights::{self, WeightsConfig};
 use http::Health;
@@ -59,8 +59,8 @@ impl ServeConfig {
 /// Model-side settings of `serve`.
 #[derive(Debug, Clone)]
 pub struct ModelSettings {
+    /// Where the weights are; its `spec` is the model served.
     pub weights: WeightsConfig,
-    pub spec: ModelSpec,
     pub device: crate::model::DeviceChoice,
     pub precision: crate::model::PrecisionChoice,
     pub labels: crate::engine::LabelSource,
@@ -102,7 +102,7 @@ pub async fn serve(cfg: ServeConfig, model: ModelSettings) -> anyhow::Result<()>
     let (loaded_tx, loaded_rx) = oneshot::channel();
     let engine_cfg = EngineConfig {
         weights: weights_dir,
-        spec: model.spec,
+        spec: model.weights.spec,
         placement: Placement::detect(model.device, model.precision)?,
         labels: model.labels.clone(),
         text_queries: false,

@@ -348,22 +348,23 @@ impl Pipeline {
             .await?;
         self.metrics
             .stage(Stage::Fetch, started.elapsed().as_secs_f64());
-        // The seed keys vectors by the document's etag and fails without one; we fall back to the
-        // content's SHA-256 (same bytes, same key).
-        let content_id = job
-            .event
-            .etag()
-            .unwrap_or_else(|| format!("sha256-{}", hex::encode(Sha256::digest(&bytes))));
+        let etag = job.event.etag();
         let declared = job.event.mime_type().ok().map(str::to_string);
         let pre = self.preprocessor;
         let (tx, rx) = oneshot::channel();
         let started = Instant::now();
+        // On the CPU pool, with the decode: hashing up to MAX_IMAGE_BYTES would stall the runtime.
         self.pool.spawn(move || {
-            let _ = tx.send(pre.prepare(&bytes, declared.as_deref()));
+            // The seed keys vectors by the document's etag and fails without one; we fall back
+            // to the content's SHA-256 (same bytes, same key).
+            let content_id =
+                etag.unwrap_or_else(|| format!("sha256-{}", hex::encode(Sha256::digest(&bytes))));
+            let _ = tx.send((pre.prepare(&bytes, declared.as_deref()), content_id));
         });
-        let image = rx
+        let (image, content_id) = rx
             .await
-            .map_err(|_| Failure::Transient("the preprocessing pool stopped".into()))?
+            .map_err(|_| Failure::Transient("the preprocessing pool stopped".into()))?;
+        let image = image
             .map_err(|e| Failure::Permanent(format!("s3://{}/{}: {e}", loc.bucket, loc.key)))?;
         self.metrics
             .stage(Stage::Preprocess, started.elapsed().as_secs_f64());
@@ -518,7 +519,7 @@ impl Pipeline {
         let outcome = match &t.failure {
             None => {
                 let started = Instant::now();
-                if let Err(e) = self.delete_with_retry(&t.receipt).await {
+                if let Err(e) = self.aws.delete(&self.cfg.queue_url, &t.receipt).await {
                     // Output exists; the message will come back and be redone (same key, duplicate
                     // event downstream), which at-least-once delivery allows.
                     tracing::error!(message = %t.message_id, "processed but not deleted: {e}");
@@ -550,7 +551,7 @@ impl Pipeline {
             match self.aws.send_failure(dest, &t.body, reason, queue).await {
                 Ok(()) => {
                     tracing::error!(message = %t.message_id, destination = %dest, "cannot be processed, sent to the failure queue: {reason}");
-                    if let Err(e) = self.delete_with_retry(&t.receipt).await {
+                    if let Err(e) = self.aws.delete(&self.cfg.queue_url, &t.receipt).await {
                         tracing::error!(message = %t.message_id, "sent to the failure queue but not deleted: {e}");
                     }
                     return;
@@ -577,22 +578,6 @@ impl Pipeline {
                     "cannot be processed: {reason}; the queue has no dead-letter queue and FAILURE_QUEUE_URL is unset, so it is kept and retried in {delay}s"
                 );
                 let _ = self.aws.set_visibility(queue, &t.receipt, delay).await;
-            }
-        }
-    }
-
-    async fn delete_with_retry(&self, receipt: &str) -> Result<(), Failure> {
-        let mut delay = Duration::from_millis(200);
-        let mut attempt = 1;
-        loop {
-            match self.aws.delete(&self.cfg.queue_url, receipt).await {
-                Err(Failure::Transient(e)) if attempt < 4 => {
-                    tracing::warn!("delete failed (attempt {attempt}): {e}");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    attempt += 1;
-                }
-                result => return result,
             }
         }
     }

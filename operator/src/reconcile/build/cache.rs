@@ -5,15 +5,15 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    CSIPersistentVolumeSource, Capabilities, Container, EnvVar, ObjectReference, PersistentVolume,
+    CSIPersistentVolumeSource, Container, EnvVar, ObjectReference, PersistentVolume,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
-    PersistentVolumeSpec, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile,
-    SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
+    PersistentVolumeSpec, PodSpec, PodTemplateSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::{cluster_meta, labels, meta, names};
+use super::{cluster_meta, container_security, labels, meta, names, pod_security};
 use crate::reconcile::validate::{CacheMode, ValidatedProcessor};
 
 /// EFS is elastic; Kubernetes still requires a size on both sides.
@@ -89,7 +89,6 @@ pub fn persistent_volume_claim(p: &ValidatedProcessor) -> PersistentVolumeClaim 
 /// start; the workers' own download-once lock makes a race with them harmless.
 pub fn cache_warm_job(p: &ValidatedProcessor) -> Job {
     let claim = names::mounted_claim(p).unwrap_or_default();
-    let uid = clip_contract::WORKER_UID;
     let mut env = vec![
         EnvVar {
             name: clip_contract::env::CLIP_MODEL.into(),
@@ -146,16 +145,7 @@ pub fn cache_warm_job(p: &ValidatedProcessor) -> Job {
                             mount_path: clip_contract::CACHE_MOUNT_PATH.into(),
                             ..Default::default()
                         }]),
-                        security_context: Some(SecurityContext {
-                            allow_privilege_escalation: Some(false),
-                            read_only_root_filesystem: Some(true),
-                            run_as_non_root: Some(true),
-                            capabilities: Some(Capabilities {
-                                drop: Some(vec!["ALL".into()]),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        }),
+                        security_context: Some(container_security()),
                         ..Default::default()
                     }],
                     volumes: Some(vec![Volume {
@@ -166,17 +156,7 @@ pub fn cache_warm_job(p: &ValidatedProcessor) -> Job {
                         }),
                         ..Default::default()
                     }]),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(uid),
-                        run_as_group: Some(uid),
-                        fs_group: Some(uid),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
+                    security_context: Some(pod_security()),
                     ..Default::default()
                 }),
             },

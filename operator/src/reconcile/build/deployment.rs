@@ -8,15 +8,17 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Toleration, Volume, VolumeMount,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{LABEL_NAMESPACE, LABEL_PROCESSOR, labels, meta, names};
+use super::{
+    LABEL_NAMESPACE, LABEL_PROCESSOR, container_security, labels, meta, names, pod_security,
+};
 use crate::crd::Provisioner;
 use crate::reconcile::validate::ValidatedProcessor;
 
@@ -184,19 +186,9 @@ pub fn deployment(p: &ValidatedProcessor) -> Deployment {
                 ..Default::default()
             },
         ]),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(container_security()),
         ..Default::default()
     };
-    let uid = clip_contract::WORKER_UID;
     let mut pod_labels = labels(p, "worker");
     pod_labels.extend(selector.clone());
     Deployment {
@@ -240,17 +232,7 @@ pub fn deployment(p: &ValidatedProcessor) -> Deployment {
                     node_selector: (!node_selector.is_empty()).then_some(node_selector),
                     tolerations: Some(tolerations),
                     termination_grace_period_seconds: Some(WORKER_GRACE_SECONDS + 15),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(uid),
-                        run_as_group: Some(uid),
-                        fs_group: Some(uid),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
+                    security_context: Some(pod_security()),
                     ..Default::default()
                 }),
             },

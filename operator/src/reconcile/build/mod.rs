@@ -8,7 +8,9 @@ mod nodepool;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{
+    Capabilities, PodSecurityContext, SeccompProfile, SecurityContext, ServiceAccount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub use cache::{cache_warm_job, persistent_volume, persistent_volume_claim};
@@ -152,6 +154,37 @@ pub fn cluster_meta(p: &ValidatedProcessor, name: String, component: &str) -> Ob
     ObjectMeta {
         name: Some(name),
         labels: Some(labels(p, component)),
+        ..Default::default()
+    }
+}
+
+/// The pod security of every pod the operator creates (workers and cache warm): the worker's uid
+/// (the seed's EFS access point owner), non-root, RuntimeDefault seccomp.
+pub fn pod_security() -> PodSecurityContext {
+    let uid = clip_contract::WORKER_UID;
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(uid),
+        run_as_group: Some(uid),
+        fs_group: Some(uid),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The restricted container security of every container the operator creates.
+pub fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
