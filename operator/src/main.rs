@@ -132,6 +132,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// SIGTERM (what Kubernetes sends) or SIGINT. The leader's controller handles both itself
+/// (`shutdown_on_signal`); this is for a standby replica.
+async fn terminated() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 fn render(file: &PathBuf, settings: &OperatorSettings) -> anyhow::Result<()> {
     let text = if file.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin())?
@@ -225,7 +238,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         while !*leader.borrow_and_update() {
             tokio::select! {
                 changed = leader.changed() => if changed.is_err() { anyhow::bail!("leader election stopped") },
-                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = terminated() => return Ok(()),
             }
         }
         tracing::info!("leader: starting the controller");

@@ -480,6 +480,18 @@ fn operator_on_a_real_control_plane() {
     );
     assert!(standby.is_leader(), "{}", standby.logs());
 
+    // --- SIGTERM: a standby replica and the leader both exit cleanly and at once.
+    let mut op_c = Operator::start(&cp, &moto, "operator-c");
+    support::wait_for("operator-c serving", T, || {
+        op_c.metrics().contains("clip_operator_leader 0")
+    });
+    let status = op_c.terminate(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "standby on SIGTERM: {status:?}\n{}",
+        op_c.logs()
+    );
+
     // --- Delete: the finalizer removes the cluster-scoped NodePool and PersistentVolume.
     delete_processor(&cp, &np_name);
     // The API server puts kubernetes.io/pv-protection on every PV; kube-controller-manager (not
@@ -491,6 +503,12 @@ fn operator_on_a_real_control_plane() {
         pv["metadata"]["finalizers"],
         serde_json::json!(["kubernetes.io/pv-protection"]),
         "only the platform's finalizer holds it"
+    );
+    let status = standby.terminate(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "leader on SIGTERM: {status:?}\n{}",
+        standby.logs()
     );
 }
 
