@@ -67,7 +67,7 @@ where
 }
 
 /// The three clients, from the standard AWS configuration chain (environment, web identity /
-/// IRSA, instance metadata) and `AWS_ENDPOINT_URL` when set.
+/// IRSA, instance metadata) and the endpoint override (`AWS_ENDPOINT_URL` / `--aws-endpoint-url`).
 #[derive(Clone)]
 pub struct Aws {
     pub s3: aws_sdk_s3::Client,
@@ -76,7 +76,7 @@ pub struct Aws {
 }
 
 impl Aws {
-    pub async fn from_env(region: Option<String>) -> Self {
+    pub async fn from_env(region: Option<String>, endpoint_url: Option<String>) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             // Retries with exponential backoff and jitter for transient failures, inside one call.
             .retry_config(RetryConfig::standard().with_max_attempts(4))
@@ -89,6 +89,9 @@ impl Aws {
             );
         if let Some(r) = region.filter(|r| !r.is_empty()) {
             loader = loader.region(aws_config::Region::new(r));
+        }
+        if let Some(url) = endpoint_url.filter(|u| !u.is_empty()) {
+            loader = loader.endpoint_url(url);
         }
         let conf = loader.load().await;
         // Path-style addressing works against every S3 endpoint, emulators included.

@@ -34,6 +34,17 @@ pub struct WeightsArgs {
     /// AWS region.
     #[arg(long, env = env::AWS_DEFAULT_REGION)]
     pub region: Option<String>,
+    /// Endpoint for every AWS service (emulators, private endpoints); the AWS SDK's standard
+    /// variable.
+    #[arg(long, env = env::AWS_ENDPOINT_URL)]
+    pub aws_endpoint_url: Option<String>,
+}
+
+impl WeightsArgs {
+    /// The AWS clients for this region and endpoint.
+    async fn aws(&self) -> crate::aws::Aws {
+        crate::aws::Aws::from_env(self.region.clone(), self.aws_endpoint_url.clone()).await
+    }
 }
 
 impl WeightsArgs {
@@ -126,6 +137,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         bucket: args.cache_storage.clone(),
         service_name: args.service_name.clone(),
         region: args.weights.region.clone(),
+        aws_endpoint_url: args.weights.aws_endpoint_url.clone(),
         batch_size: usize::from(args.batch_size),
         batch_wait: Duration::from_millis(args.batch_wait_ms),
         max_in_flight: usize::from(args.max_in_flight),
@@ -167,7 +179,7 @@ pub struct FetchWeightsArgs {
 pub fn fetch_weights(args: FetchWeightsArgs) -> anyhow::Result<ExitCode> {
     let cfg = args.weights.config();
     let dir = runtime()?.block_on(async {
-        let aws = crate::aws::Aws::from_env(args.weights.region.clone()).await;
+        let aws = args.weights.aws().await;
         crate::weights::ensure(&cfg, Some(&aws)).await
     })?;
     println!("{}", dir.display());

@@ -35,6 +35,8 @@ pub struct ServeConfig {
     pub bucket: String,
     pub service_name: String,
     pub region: Option<String>,
+    /// `AWS_ENDPOINT_URL`: one endpoint for S3, SQS and SNS.
+    pub aws_endpoint_url: Option<String>,
     pub batch_size: usize,
     pub batch_wait: Duration,
     pub max_in_flight: usize,
@@ -91,7 +93,7 @@ pub async fn serve(cfg: ServeConfig, model: ModelSettings) -> anyhow::Result<()>
         let _ = stop_tx.send(true);
     });
 
-    let aws = Aws::from_env(cfg.region.clone()).await;
+    let aws = Aws::from_env(cfg.region.clone(), cfg.aws_endpoint_url.clone()).await;
     let weights_dir = weights::ensure(&model.weights, Some(&aws))
         .await
         .context("model weights are not available")?;
