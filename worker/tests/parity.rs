@@ -17,10 +17,24 @@ const PIXEL_MAD: f64 = 0.01;
 const COSINE: f64 = 0.99999;
 
 fn prepared(entry: &ImageEntry) -> PreparedImage {
+    prepared_with(&Preprocessor::new(224), entry)
+}
+
+fn prepared_with(pre: &Preprocessor, entry: &ImageEntry) -> PreparedImage {
     let bytes = std::fs::read(fixtures().join("images").join(&entry.file)).unwrap();
-    Preprocessor::new(224)
-        .prepare(&bytes, Some(&entry.mime))
+    pre.prepare(&bytes, Some(&entry.mime))
         .unwrap_or_else(|e| panic!("{}: {e}", entry.file))
+}
+
+/// Mean absolute difference of our normalised tensor from the reference's.
+fn pixel_mad(img: &PreparedImage, reference: &[f32]) -> f64 {
+    let mut ours = vec![0f32; 3 * 224 * 224];
+    img.write_normalized(&mut ours);
+    ours.iter()
+        .zip(reference)
+        .map(|(a, b)| f64::from((a - b).abs()))
+        .sum::<f64>()
+        / ours.len() as f64
 }
 
 fn engine(tag: &str) -> Engine {
@@ -105,6 +119,40 @@ fn image_embeddings_match_transformers_tiny() {
 #[test]
 fn image_embeddings_match_transformers_vit_b_32() {
     check_image_embeddings("vit-b-32");
+}
+
+/// The opt-in `--jpeg-draft` mode on the JPEG photos (the 2.5 MP one is decoded at 1/2 scale):
+/// within the same bars, though no longer pixel-equal.
+#[test]
+fn jpeg_draft_stays_within_the_bars_on_photos() {
+    let pixels = reference("tiny");
+    let features = reference("vit-b-32");
+    let engine = engine("vit-b-32");
+    let draft = Preprocessor {
+        jpeg_draft: true,
+        ..Preprocessor::new(224)
+    };
+    let photos: Vec<ImageEntry> = manifest()
+        .images
+        .into_iter()
+        .filter(|e| e.mime == "image/jpeg" && e.check == "parity")
+        .collect();
+    let images: Vec<PreparedImage> = photos.iter().map(|e| prepared_with(&draft, e)).collect();
+    let out = engine
+        .embed_images(&images.iter().collect::<Vec<_>>(), 5)
+        .unwrap();
+    let mut scaled = 0;
+    for ((entry, img), ours) in photos.iter().zip(&images).zip(&out.embeddings) {
+        if img.rgb != prepared(entry).rgb {
+            scaled += 1;
+        }
+        let mad = pixel_mad(img, &to_vec(&pixels[&format!("pixels/{}", entry.file)]));
+        let c = cosine(ours, &to_vec(&features[&format!("image/{}", entry.file)]));
+        println!("draft {:28} mad {mad:.5} cosine {c:.7}", entry.file);
+        assert!(mad <= PIXEL_MAD, "{}: draft mad {mad:.5}", entry.file);
+        assert!(c >= COSINE, "{}: draft cosine {c:.7}", entry.file);
+    }
+    assert!(scaled >= 1, "no photo was large enough for draft decoding");
 }
 
 #[test]

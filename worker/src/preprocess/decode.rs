@@ -36,12 +36,17 @@ pub struct Decoded {
     pub width: u32,
     pub height: u32,
     pub pixels: Pixels,
-    /// Where `pixels` sit in the whole (possibly DCT-scaled) image, and that image's size: the
-    /// resize computes the reference's geometry on the whole image.
+    /// Where `pixels` sit in the whole (possibly DCT-scaled) image, and that image's size.
     pub x0: u32,
     pub y0: u32,
     pub full_width: u32,
     pub full_height: u32,
+    /// The image's own size, on which the resize computes the reference's geometry.
+    pub source_width: u32,
+    pub source_height: u32,
+    /// DCT scale the JPEG was decoded at: `1/denom` (1 = full resolution). A decoded pixel `i`
+    /// covers source pixels `[i * denom, (i + 1) * denom)`.
+    pub denom: u32,
 }
 
 impl Decoded {
@@ -55,6 +60,9 @@ impl Decoded {
             y0: 0,
             full_width: width,
             full_height: height,
+            source_width: width,
+            source_height: height,
+            denom: 1,
         }
     }
 }
@@ -256,7 +264,12 @@ fn decode_jpeg(
     }
     let (full_w, full_h) = (header.width.div_ceil(denom), header.height.div_ceil(denom));
     // Decode only the window the centre crop reads (its left edge on an iMCU boundary).
-    let window = super::resize::source_window(full_w as u32, full_h as u32, size);
+    let window = super::resize::source_window(
+        header.width as u32,
+        header.height as u32,
+        size,
+        denom as u32,
+    );
     let (mut x0, y0, x1, y1) = (
         window.0 as usize,
         window.1 as usize,
@@ -298,6 +311,9 @@ fn decode_jpeg(
         y0: y0 as u32,
         full_width: full_w as u32,
         full_height: full_h as u32,
+        source_width: header.width as u32,
+        source_height: header.height as u32,
+        denom: denom as u32,
     })
 }
 
@@ -585,6 +601,51 @@ mod tests {
         assert_eq!((d.full_width, d.full_height), (1000, 500));
         let exact = decode_jpeg(&jpeg, &Limits::default(), 224, false, false).unwrap();
         assert_eq!(exact.full_width, 2000);
+    }
+
+    #[test]
+    fn draft_filters_at_the_references_positions() {
+        use super::super::resize::resize_crop;
+        // Odd sides, so 1/2 and 1/4 scale round up (1791 -> 896 -> 448): the resize must still
+        // centre its filters where the reference's full-resolution ones are. A smooth wave survives
+        // DCT-domain scaling almost unchanged, so any misalignment shows as a difference.
+        let (w, h) = (1791usize, 1401usize);
+        let pixels: Vec<u8> = (0..w * h)
+            .flat_map(|p| {
+                let (x, y) = ((p % w) as f64, (p / w) as f64);
+                let v = 128.0
+                    + 100.0
+                        * (x * std::f64::consts::TAU / 40.0).sin()
+                        * (y * std::f64::consts::TAU / 52.0).cos();
+                [v as u8, (255.0 - v) as u8, 128]
+            })
+            .collect();
+        let img = turbojpeg::Image {
+            pixels: pixels.as_slice(),
+            width: w,
+            pitch: w * 3,
+            height: h,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        let jpeg = turbojpeg::compress(img, 95, turbojpeg::Subsamp::None).expect("encode");
+        let limits = Limits::default();
+        let draft = decode_jpeg(&jpeg, &limits, 224, true, true).unwrap();
+        assert_eq!(
+            (draft.denom, draft.source_width, draft.full_width),
+            (2, 1791, 896)
+        );
+        let exact = decode_jpeg(&jpeg, &limits, 224, false, true).unwrap();
+        let (a, b) = (
+            resize_crop(draft, 224).unwrap(),
+            resize_crop(exact, 224).unwrap(),
+        );
+        let mad = a
+            .iter()
+            .zip(&b)
+            .map(|(&x, &y)| f64::from(x.abs_diff(y)))
+            .sum::<f64>()
+            / a.len() as f64;
+        assert!(mad < 0.5, "draft differs from exact by {mad:.2} levels");
     }
 
     #[test]

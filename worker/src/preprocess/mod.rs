@@ -197,7 +197,7 @@ impl Preprocessor {
             }),
         });
         let img = decode::decode(bytes, format, limits, self.size, self.jpeg_draft)?;
-        let (width, height) = (img.full_width, img.full_height);
+        let (width, height) = (img.source_width, img.source_height);
         let rgb = resize::resize_crop(img, self.size).map_err(PreprocessError::Resize)?;
         Ok(PreparedImage {
             format,

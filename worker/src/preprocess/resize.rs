@@ -59,29 +59,40 @@ impl Geometry {
     }
 }
 
-/// The part of a `width` x `height` image that resize-then-crop to `size` reads: every tap of the
-/// bicubic kernel (support 2, widened by the scale factor) of every kept output pixel, plus one
-/// pixel of margin, clamped to the image. Returns `(x0, y0, x1, y1)`, end exclusive.
-pub fn source_window(width: u32, height: u32, size: u32) -> (u32, u32, u32, u32) {
+/// The part of a `width` x `height` image that resize-then-crop to `size` reads, in the pixels of
+/// its decode at `1/denom` scale: every tap of the bicubic kernel (support 2, widened by the scale
+/// factor) of every kept output pixel, plus one pixel of margin, clamped to the decoded image.
+/// Returns `(x0, y0, x1, y1)`, end exclusive.
+pub fn source_window(width: u32, height: u32, size: u32, denom: u32) -> (u32, u32, u32, u32) {
     let g = Geometry::new(width, height, size);
-    let (x0, x1) = axis_window(width, g.resized_w, g.left, size);
-    let (y0, y1) = axis_window(height, g.resized_h, g.top, size);
+    let (x0, x1) = axis_window(width, g.resized_w, g.left, size, denom);
+    let (y0, y1) = axis_window(height, g.resized_h, g.top, size, denom);
     (x0, y0, x1, y1)
 }
 
-fn axis_window(len: u32, resized: u32, offset: u32, size: u32) -> (u32, u32) {
-    let scale = f64::from(len) / f64::from(resized);
+/// Source pixels per output pixel along one axis, in the pixels of a `1/denom` decode: the
+/// reference's scale (`len / resized`) divided by `denom`, so that the filter centres of a reduced
+/// decode sit exactly where the reference's do.
+fn axis_scale(len: u32, resized: u32, denom: u32) -> f64 {
+    f64::from(len) / f64::from(resized) / f64::from(denom.max(1))
+}
+
+fn axis_window(len: u32, resized: u32, offset: u32, size: u32, denom: u32) -> (u32, u32) {
+    let scale = axis_scale(len, resized, denom);
     let support = 2.0 * scale.max(1.0);
     let first_centre = (f64::from(offset) + 0.5) * scale;
     let last_centre = (f64::from(offset + size) - 0.5) * scale;
     let start = (first_centre - support).floor() - 1.0;
     let end = (last_centre + support).ceil() + 1.0;
-    (start.max(0.0) as u32, (end.max(0.0) as u32).min(len))
+    (
+        start.max(0.0) as u32,
+        (end.max(0.0) as u32).min(len.div_ceil(denom.max(1))),
+    )
 }
 
 /// Resizes and crops a decoded image to `size` x `size` RGB (interleaved, row-major).
 pub fn resize_crop(img: Decoded, size: u32) -> Result<Vec<u8>, String> {
-    let g = Geometry::new(img.full_width, img.full_height, size);
+    let g = Geometry::new(img.source_width, img.source_height, size);
     let src = Source {
         w: img.width,
         h: img.height,
@@ -89,6 +100,8 @@ pub fn resize_crop(img: Decoded, size: u32) -> Result<Vec<u8>, String> {
         y0: img.y0,
         full_w: img.full_width,
         full_h: img.full_height,
+        scale_x: axis_scale(img.source_width, g.resized_w, img.denom),
+        scale_y: axis_scale(img.source_height, g.resized_h, img.denom),
     };
     let w = &src;
     let (out, source) = match img.pixels {
@@ -142,6 +155,9 @@ struct Source {
     y0: u32,
     full_w: u32,
     full_h: u32,
+    /// Decoded pixels per output pixel (see [`axis_scale`]).
+    scale_x: f64,
+    scale_y: f64,
 }
 
 /// Per-thread resizer state: the resizer's buffers and the intermediate (`size` x rows) image are
@@ -165,8 +181,7 @@ fn bicubic(pixels: &[u8], src: &Source, pt: PixelType, g: &Geometry) -> Result<V
             .use_alpha(false);
 
         let image = ImageRef::new(src.w, src.h, pixels, pt).map_err(|e| e.to_string())?;
-        let scale_x = f64::from(src.full_w) / f64::from(g.resized_w);
-        let (x, span_x) = window(g.left, s, scale_x, src.x0, src.w);
+        let (x, span_x) = window(g.left, s, src.scale_x, src.x0, src.w);
         mid.resize(s as usize * src.h as usize * pt.size(), 0);
         let mut mid_image = Image::from_slice_u8(s, src.h, mid, pt).map_err(|e| e.to_string())?;
         resizer
@@ -177,8 +192,7 @@ fn bicubic(pixels: &[u8], src: &Source, pt: PixelType, g: &Geometry) -> Result<V
             )
             .map_err(|e| e.to_string())?;
 
-        let scale_y = f64::from(src.full_h) / f64::from(g.resized_h);
-        let (y, span_y) = window(g.top, s, scale_y, src.y0, src.h);
+        let (y, span_y) = window(g.top, s, src.scale_y, src.y0, src.h);
         let mut out = Image::new(s, s, pt);
         resizer
             .resize(
