@@ -68,13 +68,15 @@ pub const MIN_IMAGE_SIDE: &str = "MIN_IMAGE_SIDE";
 pub const MAX_ASPECT_RATIO: &str = "MAX_ASPECT_RATIO";
 /// `true`: approximate, faster JPEG decoding. Default `false`.
 pub const JPEG_DRAFT: &str = "JPEG_DRAFT";
+/// Pixel memory all decodes in flight may hold together, bytes. Default 2 GiB.
+pub const DECODE_MEMORY: &str = "DECODE_MEMORY";
 /// libtorch intra-op threads on the CPU. Default: libtorch's choice.
 pub const TORCH_THREADS: &str = "TORCH_THREADS";
 /// Seconds between progress log lines. Default 30.
 pub const PROGRESS_INTERVAL_SECONDS: &str = "PROGRESS_INTERVAL_SECONDS";
 
 /// Every variable `clip-worker serve` reads, for the operator's tests and the docs.
-pub const ALL: [&str; 34] = [
+pub const ALL: [&str; 35] = [
     INPUT_QUEUE_URL,
     SNS_TARGET_TOPIC,
     LAKECHAIN_CACHE_STORAGE,
@@ -107,6 +109,7 @@ pub const ALL: [&str; 34] = [
     MIN_IMAGE_SIDE,
     MAX_ASPECT_RATIO,
     JPEG_DRAFT,
+    DECODE_MEMORY,
     TORCH_THREADS,
     PROGRESS_INTERVAL_SECONDS,
 ];

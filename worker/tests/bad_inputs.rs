@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use clip_worker::preprocess::{Limits, Preprocessor};
+use clip_worker::preprocess::{DecodeMemory, Limits, Preprocessor};
 use common::*;
 
 #[test]
@@ -64,6 +64,59 @@ fn limits_are_configurable() {
         img.rgb.chunks(3).all(|p| p == [200, 10, 10]),
         "a 1x1 image upscales to its colour"
     );
+}
+
+#[test]
+fn decodes_share_one_memory_budget_and_give_it_back() {
+    // A budget of one byte: every image is larger, so each decode runs alone. Four threads over
+    // every fixture (all formats and modes) and a truncated copy of each must all finish with the
+    // same results, and every permit must come back, also on errors; a permit that leaked would
+    // block the next decode forever, which the watchdog turns into a failure.
+    let images: Vec<(String, Vec<u8>)> = manifest()
+        .images
+        .into_iter()
+        .map(|e| {
+            let bytes = std::fs::read(fixtures().join("images").join(&e.file)).unwrap();
+            (e.file, bytes)
+        })
+        .collect();
+    let tight = Preprocessor {
+        memory: DecodeMemory::new(1),
+        ..Preprocessor::new(224)
+    };
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let worker = {
+        let (tight, images) = (tight.clone(), images.clone());
+        std::thread::spawn(move || {
+            std::thread::scope(|s| {
+                for _ in 0..4 {
+                    s.spawn(|| {
+                        for (file, bytes) in &images {
+                            let ours = tight.prepare(bytes, None).unwrap().rgb;
+                            let free = Preprocessor::new(224).prepare(bytes, None).unwrap().rgb;
+                            assert!(ours == free, "{file}: the budget changed the pixels");
+                            // Most halves are refused, a few formats decode them: either way
+                            // the permit must come back.
+                            let _ = tight.prepare(&bytes[..bytes.len() / 2], None);
+                        }
+                    });
+                }
+            });
+            done_tx.send(()).unwrap();
+        })
+    };
+    if done_rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .is_err()
+    {
+        panic!(
+            "decodes did not finish: {} bytes still held",
+            tight.memory.in_use()
+        );
+    }
+    worker.join().unwrap();
+    assert_eq!(tight.memory.in_use(), 0);
+    assert_eq!(tight.memory.peak(), 1);
 }
 
 #[test]

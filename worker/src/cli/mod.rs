@@ -131,6 +131,10 @@ pub struct PreprocessArgs {
     /// because it is not pixel-equal to the reference.
     #[arg(long, env = clip_contract::env::JPEG_DRAFT, default_value_t = false)]
     pub jpeg_draft: bool,
+    /// Pixel memory, in bytes, that all decodes in flight may hold together; a decode waits its
+    /// turn when it would go over. Bounds memory when many threads meet very large images.
+    #[arg(long, env = clip_contract::env::DECODE_MEMORY, default_value_t = crate::preprocess::DEFAULT_DECODE_MEMORY, value_parser = clap::value_parser!(u64).range(1..))]
+    pub decode_memory: u64,
 }
 
 impl PreprocessArgs {
@@ -145,6 +149,7 @@ impl PreprocessArgs {
                 max_aspect_ratio: self.max_aspect_ratio,
             },
             jpeg_draft: self.jpeg_draft,
+            memory: crate::preprocess::DecodeMemory::new(self.decode_memory),
         }
     }
 }

@@ -9,6 +9,7 @@ use std::io::Cursor;
 use image::{ColorType, ImageDecoder};
 
 use super::format::ImageFormat;
+use super::memory::{DecodeMemory, Permit};
 use super::{Limits, PreprocessError};
 
 /// Decoded pixels, in the mode PIL would hold them.
@@ -47,6 +48,8 @@ pub struct Decoded {
     /// DCT scale the JPEG was decoded at: `1/denom` (1 = full resolution). A decoded pixel `i`
     /// covers source pixels `[i * denom, (i + 1) * denom)`.
     pub denom: u32,
+    /// The decode-memory this image holds until it is resized.
+    pub permit: Option<Permit>,
 }
 
 impl Decoded {
@@ -63,7 +66,38 @@ impl Decoded {
             source_width: width,
             source_height: height,
             denom: 1,
+            permit: None,
         }
+    }
+
+    fn holding(self, permit: Permit) -> Self {
+        Decoded {
+            permit: Some(permit),
+            ..self
+        }
+    }
+}
+
+/// Decode context: the per-image limits and the shared memory budget.
+#[derive(Clone, Copy)]
+pub struct Budget<'a> {
+    pub limits: &'a Limits,
+    pub memory: &'a DecodeMemory,
+}
+
+impl Budget<'_> {
+    /// Checks a `width` x `height` image against the limits, then waits for about
+    /// `bytes_per_pixel` bytes per pixel of decode memory.
+    fn admit(
+        &self,
+        width: u32,
+        height: u32,
+        bytes_per_pixel: u64,
+    ) -> Result<Permit, PreprocessError> {
+        self.limits.check_dimensions(width, height)?;
+        Ok(self
+            .memory
+            .acquire(u64::from(width) * u64::from(height) * bytes_per_pixel))
     }
 }
 
@@ -105,27 +139,27 @@ pub fn recycle(v: Vec<u8>) {
 pub fn decode(
     bytes: &[u8],
     format: ImageFormat,
-    limits: &Limits,
+    budget: Budget<'_>,
     size: u32,
     draft: bool,
 ) -> Result<Decoded, PreprocessError> {
     // Decoders are third-party code fed hostile input: a panic in one becomes an error for this
     // image, never a crash of the worker.
     std::panic::catch_unwind(|| match format {
-        ImageFormat::Jpeg => decode_jpeg(bytes, limits, size, draft, true),
-        ImageFormat::Png => decode_png(bytes, limits),
-        ImageFormat::Gif => decode_gif(bytes, limits),
-        ImageFormat::Bmp => decode_bmp(bytes, limits),
-        ImageFormat::Pcx => decode_pcx(bytes, limits),
+        ImageFormat::Jpeg => decode_jpeg(bytes, budget, size, draft, true),
+        ImageFormat::Png => decode_png(bytes, budget),
+        ImageFormat::Gif => decode_gif(bytes, budget),
+        ImageFormat::Bmp => decode_bmp(bytes, budget),
+        ImageFormat::Pcx => decode_pcx(bytes, budget),
         ImageFormat::Tiff => {
             let dec = image::codecs::tiff::TiffDecoder::new(Cursor::new(bytes))
                 .map_err(|e| image_error(format, e))?;
-            decode_with_image(dec, format, limits, false)
+            decode_with_image(dec, format, budget, false)
         }
         ImageFormat::Webp => {
             let dec = image::codecs::webp::WebPDecoder::new(Cursor::new(bytes))
                 .map_err(|e| image_error(format, e))?;
-            decode_with_image(dec, format, limits, false)
+            decode_with_image(dec, format, budget, false)
         }
     })
     .unwrap_or_else(|_| {
@@ -171,12 +205,14 @@ fn image_limits(limits: &Limits) -> image::Limits {
 fn decode_with_image<D: ImageDecoder>(
     mut dec: D,
     format: ImageFormat,
-    limits: &Limits,
+    budget: Budget<'_>,
     drop_alpha: bool,
 ) -> Result<Decoded, PreprocessError> {
     let (width, height) = dec.dimensions();
-    limits.check_dimensions(width, height)?;
-    dec.set_limits(image_limits(limits))
+    // The decoder's output plus one converted copy (16-bit samples, palette expansion).
+    let bpp = u64::from(dec.color_type().bytes_per_pixel());
+    let permit = budget.admit(width, height, 2 * bpp)?;
+    dec.set_limits(image_limits(budget.limits))
         .map_err(|e| image_error(format, e))?;
     let color = dec.color_type();
     let total = usize::try_from(dec.total_bytes()).map_err(|_| PreprocessError::Unsupported {
@@ -207,7 +243,7 @@ fn decode_with_image<D: ImageDecoder>(
             });
         }
     };
-    Ok(Decoded::whole(width, height, pixels))
+    Ok(Decoded::whole(width, height, pixels).holding(permit))
 }
 
 /// The high byte of each native-endian 16-bit sample.
@@ -230,7 +266,7 @@ fn take_channels(buf: &[u8], stride: usize, keep: usize) -> Vec<u8> {
 /// proves it changes nothing).
 fn decode_jpeg(
     bytes: &[u8],
-    limits: &Limits,
+    budget: Budget<'_>,
     size: u32,
     draft: bool,
     crop: bool,
@@ -240,7 +276,9 @@ fn decode_jpeg(
     let f = ImageFormat::Jpeg;
     let mut dec = jpeg::Decompressor::new().map_err(|e| corrupt(f, e))?;
     let header = dec.header(bytes).map_err(|e| corrupt(f, e))?;
-    limits.check_dimensions(header.width as u32, header.height as u32)?;
+    budget
+        .limits
+        .check_dimensions(header.width as u32, header.height as u32)?;
     // PIL opens grey JPEGs as L, CMYK and YCCK ones as CMYK, everything else as RGB; libjpeg-turbo
     // with its defaults (ISLOW IDCT, fancy upsampling) is the decoder PIL uses.
     let layout = match header.colorspace {
@@ -288,6 +326,11 @@ fn decode_jpeg(
     } else {
         (0, 0, full_w, full_h)
     };
+    // The decoded window, and the resize's intermediate (`size` columns by the window's rows).
+    let ch = layout.channels() as u64;
+    let permit = budget
+        .memory
+        .acquire((w as u64 * h as u64 + u64::from(size) * h as u64) * ch);
     let mut buf = buffer(w * h * layout.channels());
     // Warnings (truncated or corrupt data) are errors: the JPEG is refused, as PIL refuses it.
     dec.decompress(bytes, &mut buf, w, layout)
@@ -314,6 +357,7 @@ fn decode_jpeg(
         source_width: header.width as u32,
         source_height: header.height as u32,
         denom: denom as u32,
+        permit: Some(permit),
     })
 }
 
@@ -339,7 +383,7 @@ fn has_adobe_marker(bytes: &[u8]) -> bool {
 
 // ------------------------------------------------------------------------------------------ PNG
 
-fn decode_png(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError> {
+fn decode_png(bytes: &[u8], budget: Budget<'_>) -> Result<Decoded, PreprocessError> {
     let f = ImageFormat::Png;
     // IHDR is always the first chunk: bit depth at 24, colour type at 25.
     let (bit_depth, color_type) = match bytes.get(12..26) {
@@ -350,7 +394,7 @@ fn decode_png(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError>
         image::codecs::png::PngDecoder::new(Cursor::new(bytes)).map_err(|e| image_error(f, e))?;
     // Colour types 0 (grey) and 2 (RGB) have no alpha channel: an alpha the decoder derives from a
     // tRNS chunk is not one PIL would see.
-    let decoded = decode_with_image(dec, f, limits, matches!(color_type, 0 | 2))?;
+    let decoded = decode_with_image(dec, f, budget, matches!(color_type, 0 | 2))?;
     // Palette (type 3) and 1-bit grey are PIL modes P and 1: nearest-neighbour resampling.
     let paletted = color_type == 3 || (color_type == 0 && bit_depth == 1);
     Ok(if paletted {
@@ -387,7 +431,8 @@ fn into_indexed(d: Decoded) -> Decoded {
 /// First frame only, composed the way PIL composes frame 0: a canvas of the logical screen size
 /// filled with the transparent index (else 0), the frame pasted at its offset, colours from the
 /// frame's palette (else the global one).
-fn decode_gif(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError> {
+fn decode_gif(bytes: &[u8], budget: Budget<'_>) -> Result<Decoded, PreprocessError> {
+    let limits = budget.limits;
     let f = ImageFormat::Gif;
     let mut opts = gif::DecodeOptions::new();
     opts.set_color_output(gif::ColorOutput::Indexed);
@@ -398,7 +443,8 @@ fn decode_gif(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError>
         .read_info(Cursor::new(bytes))
         .map_err(|e| corrupt(f, e))?;
     let (width, height) = (u32::from(dec.width()), u32::from(dec.height()));
-    limits.check_dimensions(width, height)?;
+    // The frame, the canvas and the RGB expansion.
+    let permit = budget.admit(width, height, 5)?;
     let global = dec.global_palette().map(<[u8]>::to_vec);
     let frame = dec
         .read_next_frame()
@@ -429,20 +475,20 @@ fn decode_gif(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError>
             .collect(),
         // No palette at all: PIL shows the indices as grey levels (mode L).
         None => {
-            return Ok(Decoded::whole(width, height, Pixels::Gray(canvas)));
+            return Ok(Decoded::whole(width, height, Pixels::Gray(canvas)).holding(permit));
         }
     };
-    Ok(Decoded::whole(width, height, Pixels::Indexed(rgb)))
+    Ok(Decoded::whole(width, height, Pixels::Indexed(rgb)).holding(permit))
 }
 
 // ------------------------------------------------------------------------------------------ BMP
 
-fn decode_bmp(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError> {
+fn decode_bmp(bytes: &[u8], budget: Budget<'_>) -> Result<Decoded, PreprocessError> {
     let f = ImageFormat::Bmp;
     let palette = bmp_palette(bytes);
     let dec =
         image::codecs::bmp::BmpDecoder::new(Cursor::new(bytes)).map_err(|e| image_error(f, e))?;
-    let decoded = decode_with_image(dec, f, limits, false)?;
+    let decoded = decode_with_image(dec, f, budget, false)?;
     Ok(match palette {
         // PIL opens a BMP whose palette is the identity grey ramp as L (bicubic), others as P/1.
         Some(p) if p.len() != 2 && p.iter().enumerate().all(|(i, c)| *c == [i as u8; 3]) => {
@@ -489,11 +535,12 @@ fn bmp_palette(b: &[u8]) -> Option<Vec<[u8; 3]>> {
 
 // ------------------------------------------------------------------------------------------ PCX
 
-fn decode_pcx(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError> {
+fn decode_pcx(bytes: &[u8], budget: Budget<'_>) -> Result<Decoded, PreprocessError> {
     let f = ImageFormat::Pcx;
     let mut r = pcx::Reader::from_mem(bytes).map_err(|e| corrupt(f, e))?;
     let (width, height) = (u32::from(r.width()), u32::from(r.height()));
-    limits.check_dimensions(width, height)?;
+    // Indices plus their RGB expansion, or RGB.
+    let permit = budget.admit(width, height, 4)?;
     let (w, h) = (width as usize, height as usize);
     if r.is_paletted() {
         let colors = usize::from(r.palette_length().unwrap_or(0));
@@ -511,19 +558,19 @@ fn decode_pcx(bytes: &[u8], limits: &Limits) -> Result<Decoded, PreprocessError>
                 .enumerate()
                 .all(|(i, c)| c == [i as u8; 3])
         {
-            return Ok(Decoded::whole(width, height, Pixels::Gray(idx)));
+            return Ok(Decoded::whole(width, height, Pixels::Gray(idx)).holding(permit));
         }
         let rgb = idx
             .iter()
             .flat_map(|&i| pal[usize::from(i) * 3..][..3].to_vec())
             .collect();
-        Ok(Decoded::whole(width, height, Pixels::Indexed(rgb)))
+        Ok(Decoded::whole(width, height, Pixels::Indexed(rgb)).holding(permit))
     } else {
         let mut rgb = buffer(w * h * 3);
         for row in rgb.chunks_exact_mut(w * 3) {
             r.next_row_rgb(row).map_err(|e| corrupt(f, e))?;
         }
-        Ok(Decoded::whole(width, height, Pixels::Rgb(rgb)))
+        Ok(Decoded::whole(width, height, Pixels::Rgb(rgb)).holding(permit))
     }
 }
 
@@ -568,7 +615,11 @@ mod tests {
     #[test]
     fn decoding_only_the_crop_window_changes_nothing() {
         use super::super::resize::resize_crop;
-        let limits = Limits::default();
+        let (limits, memory) = (Limits::default(), DecodeMemory::default());
+        let budget = Budget {
+            limits: &limits,
+            memory: &memory,
+        };
         for (w, h, ss) in [
             (1000, 700, turbojpeg::Subsamp::Sub2x2),
             (700, 1000, turbojpeg::Subsamp::Sub2x2),
@@ -577,14 +628,14 @@ mod tests {
             (230, 225, turbojpeg::Subsamp::Sub2x2),
         ] {
             let jpeg = test_jpeg(w, h, ss);
-            let cropped = decode_jpeg(&jpeg, &limits, 224, false, true).unwrap();
+            let cropped = decode_jpeg(&jpeg, budget, 224, false, true).unwrap();
             assert!(
                 cropped.width < cropped.full_width
                     || cropped.height < cropped.full_height
                     || w < 400,
                 "{w}x{h} was not cropped"
             );
-            let whole = decode_jpeg(&jpeg, &limits, 224, false, false).unwrap();
+            let whole = decode_jpeg(&jpeg, budget, 224, false, false).unwrap();
             assert_eq!(
                 resize_crop(cropped, 224).unwrap(),
                 resize_crop(whole, 224).unwrap(),
@@ -596,10 +647,15 @@ mod tests {
     #[test]
     fn draft_keeps_twice_the_input_size() {
         let jpeg = test_jpeg(2000, 1000, turbojpeg::Subsamp::Sub2x2);
-        let d = decode_jpeg(&jpeg, &Limits::default(), 224, true, false).unwrap();
+        let (limits, memory) = (Limits::default(), DecodeMemory::default());
+        let budget = Budget {
+            limits: &limits,
+            memory: &memory,
+        };
+        let d = decode_jpeg(&jpeg, budget, 224, true, false).unwrap();
         // 1/2 leaves a 500 px short side (>= 448); 1/4 would leave 250.
         assert_eq!((d.full_width, d.full_height), (1000, 500));
-        let exact = decode_jpeg(&jpeg, &Limits::default(), 224, false, false).unwrap();
+        let exact = decode_jpeg(&jpeg, budget, 224, false, false).unwrap();
         assert_eq!(exact.full_width, 2000);
     }
 
@@ -628,13 +684,17 @@ mod tests {
             format: turbojpeg::PixelFormat::RGB,
         };
         let jpeg = turbojpeg::compress(img, 95, turbojpeg::Subsamp::None).expect("encode");
-        let limits = Limits::default();
-        let draft = decode_jpeg(&jpeg, &limits, 224, true, true).unwrap();
+        let (limits, memory) = (Limits::default(), DecodeMemory::default());
+        let budget = Budget {
+            limits: &limits,
+            memory: &memory,
+        };
+        let draft = decode_jpeg(&jpeg, budget, 224, true, true).unwrap();
         assert_eq!(
             (draft.denom, draft.source_width, draft.full_width),
             (2, 1791, 896)
         );
-        let exact = decode_jpeg(&jpeg, &limits, 224, false, true).unwrap();
+        let exact = decode_jpeg(&jpeg, budget, 224, false, true).unwrap();
         let (a, b) = (
             resize_crop(draft, 224).unwrap(),
             resize_crop(exact, 224).unwrap(),

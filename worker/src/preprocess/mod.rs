@@ -3,14 +3,17 @@
 //! centre-crop as torchvision does on PIL images, convert to RGB, scale and normalise.
 //!
 //! Hostile input is bounded: the encoded size and the decoded pixel count are checked before
-//! any pixel buffer is allocated, and decoder failures become errors, never panics.
+//! any pixel buffer is allocated, decodes together stay within a memory budget
+//! ([`DecodeMemory`]), and decoder failures become errors, never panics.
 
 mod decode;
 pub mod format;
 mod jpeg;
+pub mod memory;
 mod resize;
 
 pub use format::{ImageFormat, supported_mime_types};
+pub use memory::{DEFAULT_DECODE_MEMORY, DecodeMemory};
 pub use resize::Geometry;
 
 /// OpenAI CLIP's normalisation constants, written as published; as `f32` they round exactly as
@@ -144,8 +147,8 @@ impl PreparedImage {
     }
 }
 
-/// How images are prepared for one model.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How images are prepared for one model. Clones share the decode-memory budget.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Preprocessor {
     /// Side of the square the model takes (224 for the supported models).
     pub size: u32,
@@ -154,15 +157,18 @@ pub struct Preprocessor {
     /// `draft` does) when the scaled image still covers `size`. Faster on big photos; no longer
     /// pixel-equal to the reference (see BENCHMARKS.md for its parity).
     pub jpeg_draft: bool,
+    /// Pixel memory that decodes may hold at the same time (`--decode-memory`).
+    pub memory: DecodeMemory,
 }
 
 impl Preprocessor {
-    /// Reference-exact preprocessing at `size` with default limits.
+    /// Reference-exact preprocessing at `size` with default limits and its own default budget.
     pub fn new(size: u32) -> Self {
         Preprocessor {
             size,
             limits: Limits::default(),
             jpeg_draft: false,
+            memory: DecodeMemory::default(),
         }
     }
 
@@ -196,7 +202,11 @@ impl Preprocessor {
                 actual: format,
             }),
         });
-        let img = decode::decode(bytes, format, limits, self.size, self.jpeg_draft)?;
+        let budget = decode::Budget {
+            limits,
+            memory: &self.memory,
+        };
+        let img = decode::decode(bytes, format, budget, self.size, self.jpeg_draft)?;
         let (width, height) = (img.source_width, img.source_height);
         let rgb = resize::resize_crop(img, self.size).map_err(PreprocessError::Resize)?;
         Ok(PreparedImage {
@@ -265,6 +275,41 @@ mod tests {
             .prepare(b"12345", None),
             Err(PreprocessError::TooManyBytes { .. })
         ));
+    }
+
+    #[test]
+    fn concurrent_decodes_stay_within_the_memory_budget() {
+        // 1600x1200: the crop window (about 1600x1200 RGB) plus the intermediate take ~6 MB each.
+        let (w, h) = (1600usize, 1200usize);
+        let pixels: Vec<u8> = (0..w * h * 3).map(|i| (i % 251) as u8).collect();
+        let img = turbojpeg::Image {
+            pixels: pixels.as_slice(),
+            width: w,
+            pitch: w * 3,
+            height: h,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        let jpeg = turbojpeg::compress(img, 85, turbojpeg::Subsamp::Sub2x2)
+            .expect("encode")
+            .to_vec();
+        let budget = 14 << 20;
+        let pre = Preprocessor {
+            memory: DecodeMemory::new(budget),
+            ..Preprocessor::new(224)
+        };
+        std::thread::scope(|s| {
+            for _ in 0..6 {
+                s.spawn(|| {
+                    for _ in 0..4 {
+                        pre.prepare(&jpeg, Some("image/jpeg")).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(pre.memory.in_use(), 0);
+        // At most two decodes fitted at once: the budget was both used and respected.
+        assert!(pre.memory.peak() <= budget, "peak {}", pre.memory.peak());
+        assert!(pre.memory.peak() >= 5 << 20, "peak {}", pre.memory.peak());
     }
 
     #[test]

@@ -144,6 +144,8 @@ pub fn resize_crop(img: Decoded, size: u32) -> Result<Vec<u8>, String> {
         Pixels::Indexed(p) => (nearest(&p, w, &g), p),
     };
     super::decode::recycle(source);
+    // The decode memory is free again once the pixels are resized.
+    drop(img.permit);
     Ok(out)
 }
 

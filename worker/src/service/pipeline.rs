@@ -350,7 +350,7 @@ impl Pipeline {
             .stage(Stage::Fetch, started.elapsed().as_secs_f64());
         let etag = job.event.etag();
         let declared = job.event.mime_type().ok().map(str::to_string);
-        let pre = self.preprocessor;
+        let pre = self.preprocessor.clone();
         let (tx, rx) = oneshot::channel();
         let started = Instant::now();
         // On the CPU pool, with the decode: hashing up to MAX_IMAGE_BYTES would stall the runtime.
