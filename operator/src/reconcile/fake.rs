@@ -95,13 +95,26 @@ impl FakeApi {
         self.0.lock().unwrap().seen.clone()
     }
 
+    /// Every matching request fails from now on.
     pub fn fail(&self, method: Method, path_contains: &str, code: u16, reason: &str) {
+        self.fail_times(method, path_contains, code, reason, usize::MAX);
+    }
+
+    /// The next `times` matching requests fail.
+    pub fn fail_times(
+        &self,
+        method: Method,
+        path_contains: &str,
+        code: u16,
+        reason: &str,
+        times: usize,
+    ) {
         self.0.lock().unwrap().faults.push(Fault {
             method,
             path_contains: path_contains.into(),
             code,
             reason: reason.into(),
-            times: usize::MAX,
+            times,
         });
     }
 

@@ -44,6 +44,10 @@ use validate::{OperatorSettings, ValidatedProcessor};
 /// The finalizer that deletes cluster-scoped children (NodePool, PersistentVolume).
 pub const FINALIZER: &str = "lakechain.dev/cleanup";
 
+/// How often the orphan sweep (six label-selected lists) runs while the set of wanted children
+/// stays the same; it runs at once whenever that set changes, and after an operator restart.
+const ORPHAN_RESYNC: Duration = Duration::from_secs(300);
+
 /// Why a reconcile failed. The variant name is the metric label.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -73,6 +77,8 @@ pub struct Context {
     histories: Mutex<HashMap<String, scaler::History>>,
     /// Per processor: consecutive failures, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Per processor: the wanted children at the last complete orphan sweep, and when it ran.
+    swept: Mutex<HashMap<String, (Vec<String>, Instant)>>,
 }
 
 impl Context {
@@ -95,6 +101,7 @@ impl Context {
             queues,
             histories: Default::default(),
             failures: Default::default(),
+            swept: Default::default(),
         })
     }
 }
@@ -200,10 +207,30 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
     let desired = build::children(&p);
     let mut observed = Observed::default();
     apply_children(ctx, &p, &desired, &owner, &mut observed).await;
-    if let Err(e) = delete_orphans(ctx, &p, &desired).await {
-        observed
-            .apply_errors
-            .push(format!("removing children the spec no longer wants: {e}"));
+    // Children become orphans only when the wanted set changes (model, engine, cache,
+    // provisioner): the sweep runs then, and every ORPHAN_RESYNC, not on every scaler tick.
+    let wanted = wanted(&desired);
+    let sweep_due = match ctx
+        .swept
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key(&cp))
+    {
+        Some((last, at)) => *last != wanted || at.elapsed() >= ORPHAN_RESYNC,
+        None => true,
+    };
+    if sweep_due {
+        match delete_orphans(ctx, &p, &desired).await {
+            Ok(()) => {
+                ctx.swept
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key(&cp), (wanted, Instant::now()));
+            }
+            Err(e) => observed
+                .apply_errors
+                .push(format!("removing children the spec no longer wants: {e}")),
+        }
     }
 
     let mut status = ClipProcessorStatus {
@@ -379,6 +406,25 @@ async fn delete_orphans(
         tracing::info!(processor = %format!("{ns}/{}", p.name), deleted = ?deleted, "removed children the spec no longer wants");
     }
     Ok(())
+}
+
+/// Every wanted child as `Kind/name`, in a fixed order.
+fn wanted(c: &Children) -> Vec<String> {
+    fn one<K: Resource<DynamicType = ()>>(out: &mut Vec<String>, child: &Option<K>) {
+        if let Some(k) = child {
+            out.push(format!("{}/{}", K::kind(&()), k.name_any()));
+        }
+    }
+    let mut out = Vec::new();
+    one(&mut out, &c.service_account);
+    one(&mut out, &c.deployment);
+    one(&mut out, &c.persistent_volume);
+    one(&mut out, &c.persistent_volume_claim);
+    one(&mut out, &c.cache_warm_job);
+    one(&mut out, &c.node_pool);
+    one(&mut out, &c.trigger_authentication);
+    one(&mut out, &c.scaled_object);
+    out
 }
 
 /// The name of a wanted child, as the list of names `apply::delete_orphans` keeps.
@@ -615,6 +661,10 @@ async fn cleanup(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error>
     pv.delete_collection(&DeleteParams::background(), &lp)
         .await?;
     ctx.histories
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&key(&cp));
+    ctx.swept
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&key(&cp));

@@ -228,6 +228,45 @@ async fn switching_engines_removes_what_no_longer_applies() {
     assert_eq!(condition(&fake, "Degraded")["status"], "True");
 }
 
+/// Label-selected list requests: the orphan sweep's.
+fn sweep_lists(fake: &FakeApi) -> usize {
+    fake.seen()
+        .iter()
+        .filter(|r| r.method == Method::GET && r.query.contains("labelSelector"))
+        .count()
+}
+
+#[tokio::test]
+async fn the_orphan_sweep_runs_when_the_wanted_children_change_not_on_every_tick() {
+    let (fake, ctx) = setup(json!({}));
+    converge(&fake, &ctx).await;
+    let swept = sweep_lists(&fake);
+    assert_eq!(swept, 6, "the first full reconcile sweeps each kind once");
+    for _ in 0..3 {
+        reconcile(current(&fake), ctx.clone()).await.unwrap();
+    }
+    assert_eq!(sweep_lists(&fake), swept, "nothing changed: no sweep");
+
+    // The engine switch changes what is wanted: the sweep runs, and a failed one runs again on
+    // the next reconcile.
+    let mut cp = fake.get(CP).unwrap();
+    cp["spec"]["scaling"]["engine"] = json!("builtin");
+    cp["metadata"]["generation"] = json!(2);
+    fake.insert(CP, cp);
+    fake.fail_times(Method::GET, "/scaledobjects", 500, "InternalError", 1);
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(sweep_lists(&fake) > swept);
+    assert!(exists(&fake, "/scaledobjects/"), "the failed sweep kept it");
+    assert_eq!(condition(&fake, "Degraded")["status"], "True");
+    let retried = sweep_lists(&fake);
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(sweep_lists(&fake) > retried, "a failed sweep is retried");
+    assert!(!exists(&fake, "/scaledobjects/"), "ScaledObject removed");
+    let done = sweep_lists(&fake);
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert_eq!(sweep_lists(&fake), done);
+}
+
 #[tokio::test]
 async fn deletion_removes_cluster_scoped_children_and_the_finalizer() {
     let (fake, ctx) = setup(
