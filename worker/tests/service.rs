@@ -130,6 +130,8 @@ fn events_in_vectors_and_enriched_events_out() {
     let dir = tmp("e2e");
     let mut env = stack.worker_env(free_port(), &tiny(), &dir);
     env.push(("BATCH_SIZE".into(), "4".into()));
+    // A 64 MiB decode budget: the photos fit; the metrics report it.
+    env.push(("DECODE_MEMORY".into(), (64u64 << 20).to_string()));
     let mut worker = Worker::spawn(&env, &dir.join("worker.log"));
     worker.wait_ready(Duration::from_secs(60));
     let outputs = rt.block_on(stack.collect(&stack.sink, cases.len(), Duration::from_secs(90)));
@@ -229,6 +231,11 @@ fn events_in_vectors_and_enriched_events_out() {
         worker.metric("clip_worker_messages_total{outcome=\"succeeded\"}") >= cases.len() as f64
     );
     assert!(worker.metric("clip_worker_batch_size_count") >= 2.0);
+    assert_eq!(
+        worker.metric("clip_worker_decode_memory_budget_bytes"),
+        (64u64 << 20) as f64
+    );
+    assert_eq!(worker.metric("clip_worker_decode_memory_in_use_bytes"), 0.0);
     assert_eq!(
         rt.block_on(stack.depth(&stack.input)),
         (0, 0),

@@ -1,12 +1,17 @@
 //! Prometheus metrics of `clip-worker serve` (`/metrics`). Names are part of the operations
 //! guide and the Grafana dashboard: change them there too.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::preprocess::DecodeMemory;
 
 /// What became of a message.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -159,7 +164,40 @@ impl Default for Metrics {
     }
 }
 
+/// The decode-memory budget's gauges, read when scraped.
+#[derive(Debug)]
+struct DecodeMemoryGauges(DecodeMemory);
+
+impl Collector for DecodeMemoryGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, bytes) in [
+            (
+                "decode_memory_in_use_bytes",
+                "Pixel memory that decodes hold now",
+                self.0.in_use(),
+            ),
+            (
+                "decode_memory_budget_bytes",
+                "Pixel memory decodes may hold together (DECODE_MEMORY)",
+                self.0.total(),
+            ),
+        ] {
+            let gauge = ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
+
 impl Metrics {
+    /// The metrics of a worker whose decodes share `memory`.
+    pub fn with_decode_memory(memory: DecodeMemory) -> Self {
+        let mut m = Metrics::default();
+        m.registry
+            .register_collector(Box::new(DecodeMemoryGauges(memory)));
+        m
+    }
+
     pub fn message(&self, outcome: MessageOutcome) {
         self.messages.get_or_create(&OutcomeLabel { outcome }).inc();
     }
@@ -204,9 +242,30 @@ mod tests {
     }
 
     #[test]
+    fn decode_memory_is_exported_as_it_is_at_scrape_time() {
+        let memory = DecodeMemory::new(1_000);
+        let m = Metrics::with_decode_memory(memory.clone());
+        let held = memory.acquire(300);
+        let text = m.encode();
+        assert!(
+            text.contains("clip_worker_decode_memory_in_use_bytes 300"),
+            "{text}"
+        );
+        assert!(
+            text.contains("clip_worker_decode_memory_budget_bytes 1000"),
+            "{text}"
+        );
+        drop(held);
+        assert!(
+            m.encode()
+                .contains("clip_worker_decode_memory_in_use_bytes 0")
+        );
+    }
+
+    #[test]
     fn the_dashboard_and_the_operations_guide_query_metrics_that_exist() {
         use MessageOutcome::*;
-        let m = Metrics::default();
+        let m = Metrics::with_decode_memory(DecodeMemory::default());
         for o in [
             Succeeded,
             Forwarded,

@@ -73,7 +73,9 @@ pub struct ModelSettings {
 
 /// Runs the worker until a termination signal; returns after draining.
 pub async fn serve(cfg: ServeConfig, model: ModelSettings) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::with_decode_memory(
+        model.preprocessor.memory.clone(),
+    ));
     let health = Arc::new(Health::default());
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", cfg.http_port))
         .await
