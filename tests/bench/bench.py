@@ -138,6 +138,24 @@ def ref_preprocess_rate(blobs: list[bytes], passes: int) -> float:
     return len(blobs) * passes / (time.perf_counter() - t)
 
 
+def preprocess_trials(worker: str, files: list[Path], passes: int, trials: int, modes: dict) -> list[dict]:
+    """`trials` rounds of the reference's rate then ours in each mode (name -> extra arguments), so
+    the sides alternate and share the machine's state."""
+    blobs = [p.read_bytes() for p in files]
+    out = []
+    for _ in range(max(1, trials)):
+        t = {"reference": ref_preprocess_rate(blobs, passes)}
+        for name, extra in modes.items():
+            args = ["preprocess", *extra, "--passes", str(passes), *map(str, files)]
+            t[name] = worker_bench(worker, args)["images_per_second"]
+        out.append(t)
+    return out
+
+
+def mb_per_file(files: list[Path]) -> float:
+    return sum(p.stat().st_size for p in files) / len(files) / 1e6
+
+
 def ref_embed(model, images: list, batch: int, repeat: int) -> tuple[float, torch.Tensor]:
     """Images/s of the reference on all cores; batch 1 is the seed's loop. `images` are callables
     returning a PIL image from in-memory bytes."""
@@ -178,19 +196,11 @@ def main() -> None:
     # (a) preprocessing per core on 12 MP JPEGs. The machine is shared and a side's rate moves by
     # up to ~20% from one run to the next, so the two sides alternate over several trials and the
     # medians are reported, with the range of the per-trial ratios.
-    blobs = [p.read_bytes() for p in big]
-    trials = []
-    for _ in range(max(1, a.trials)):
-        ref = ref_preprocess_rate(blobs, a.passes)
-        ours = worker_bench(a.worker, ["preprocess", "--passes", str(a.passes), *map(str, big)])["images_per_second"]
-        draft = worker_bench(a.worker, ["preprocess", "--jpeg-draft", "--passes", str(a.passes), *map(str, big)])[
-            "images_per_second"
-        ]
-        trials.append({"reference": ref, "ours": ours, "ours_draft": draft})
-    med = {k: statistics.median(t[k] for t in trials) for k in ("reference", "ours", "ours_draft")}
+    trials = preprocess_trials(a.worker, big, a.passes, a.trials, {"ours": [], "ours_draft": ["--jpeg-draft"]})
+    med = {k: statistics.median(t[k] for t in trials) for k in trials[0]}
     ratios = [t["ours"] / t["reference"] for t in trials]
     draft_ratios = [t["ours_draft"] / t["reference"] for t in trials]
-    mb = sum(map(len, blobs)) / len(blobs) / 1e6
+    mb = mb_per_file(big)
     rows.append((f"preprocess 12MP JPEG ({mb:.1f} MB), 1 thread (median of {len(trials)})", med["reference"], med["ours"]))
     rows.append(("  same, --jpeg-draft (approximate)", med["reference"], med["ours_draft"]))
     results["preprocess_12mp"] = {
@@ -209,17 +219,9 @@ def main() -> None:
     results["preprocess_12mp_by_grain"] = []
     for grain in (3, 0):
         files = make_12mp(Path("target/bench/images"), grain)
-        blobs_g = [p.read_bytes() for p in files]
-        ratios_g = []
-        for _ in range(3):
-            ref_g = ref_preprocess_rate(blobs_g, a.passes)
-            ours_g = worker_bench(a.worker, ["preprocess", "--passes", str(a.passes), *map(str, files)])[
-                "images_per_second"
-            ]
-            ratios_g.append((ref_g, ours_g))
-        mb = sum(map(len, blobs_g)) / len(blobs_g) / 1e6
-        ref_m = statistics.median(r for r, _ in ratios_g)
-        ours_m = statistics.median(o for _, o in ratios_g)
+        trials_g = preprocess_trials(a.worker, files, a.passes, 3, {"ours": []})
+        ref_m, ours_m = (statistics.median(t[k] for t in trials_g) for k in ("reference", "ours"))
+        mb = mb_per_file(files)
         rows.append((f"  same, grain {grain:g} ({mb:.1f} MB a photo, median of 3)", ref_m, ours_m))
         results["preprocess_12mp_by_grain"].append(
             {"grain": grain, "mb_per_photo": mb, "reference": ref_m, "ours": ours_m}

@@ -61,9 +61,9 @@ pub async fn apply_deployment(
 ) -> Result<Deployment, kube::Error> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let name = d.name_any();
+    d.metadata.owner_references = Some(vec![owner.clone()]);
     if api.get_opt(&name).await?.is_none() {
         let mut first = d.clone();
-        first.metadata.owner_references = Some(vec![owner.clone()]);
         if let Some(spec) = first.spec.as_mut() {
             spec.replicas = Some(0);
         }
@@ -80,7 +80,6 @@ pub async fn apply_deployment(
     if let Some(spec) = d.spec.as_mut() {
         spec.replicas = None;
     }
-    d.metadata.owner_references = Some(vec![owner.clone()]);
     api.patch(&name, &apply_params(), &Patch::Apply(&d)).await
 }
 

@@ -37,11 +37,9 @@ pub struct Decoded {
     pub width: u32,
     pub height: u32,
     pub pixels: Pixels,
-    /// Where `pixels` sit in the whole (possibly DCT-scaled) image, and that image's size.
+    /// Where `pixels` sit in the whole (possibly DCT-scaled) image.
     pub x0: u32,
     pub y0: u32,
-    pub full_width: u32,
-    pub full_height: u32,
     /// The image's own size, on which the resize computes the reference's geometry.
     pub source_width: u32,
     pub source_height: u32,
@@ -61,13 +59,19 @@ impl Decoded {
             pixels,
             x0: 0,
             y0: 0,
-            full_width: width,
-            full_height: height,
             source_width: width,
             source_height: height,
             denom: 1,
             permit: None,
         }
+    }
+
+    /// Size of the whole image at the decoded scale (libjpeg rounds a reduced side up).
+    pub fn full_size(&self) -> (u32, u32) {
+        (
+            self.source_width.div_ceil(self.denom),
+            self.source_height.div_ceil(self.denom),
+        )
     }
 
     fn holding(self, permit: Permit) -> Self {
@@ -352,8 +356,6 @@ fn decode_jpeg(
         pixels,
         x0: x0 as u32,
         y0: y0 as u32,
-        full_width: full_w as u32,
-        full_height: full_h as u32,
         source_width: header.width as u32,
         source_height: header.height as u32,
         denom: denom as u32,
@@ -630,8 +632,8 @@ mod tests {
             let jpeg = test_jpeg(w, h, ss);
             let cropped = decode_jpeg(&jpeg, budget, 224, false, true).unwrap();
             assert!(
-                cropped.width < cropped.full_width
-                    || cropped.height < cropped.full_height
+                cropped.width < cropped.full_size().0
+                    || cropped.height < cropped.full_size().1
                     || w < 400,
                 "{w}x{h} was not cropped"
             );
@@ -654,9 +656,9 @@ mod tests {
         };
         let d = decode_jpeg(&jpeg, budget, 224, true, false).unwrap();
         // 1/2 leaves a 500 px short side (>= 448); 1/4 would leave 250.
-        assert_eq!((d.full_width, d.full_height), (1000, 500));
+        assert_eq!(d.full_size(), (1000, 500));
         let exact = decode_jpeg(&jpeg, budget, 224, false, false).unwrap();
-        assert_eq!(exact.full_width, 2000);
+        assert_eq!(exact.full_size().0, 2000);
     }
 
     #[test]
@@ -691,7 +693,7 @@ mod tests {
         };
         let draft = decode_jpeg(&jpeg, budget, 224, true, true).unwrap();
         assert_eq!(
-            (draft.denom, draft.source_width, draft.full_width),
+            (draft.denom, draft.source_width, draft.full_size().0),
             (2, 1791, 896)
         );
         let exact = decode_jpeg(&jpeg, budget, 224, false, true).unwrap();

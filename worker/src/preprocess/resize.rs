@@ -93,13 +93,14 @@ fn axis_window(len: u32, resized: u32, offset: u32, size: u32, denom: u32) -> (u
 /// Resizes and crops a decoded image to `size` x `size` RGB (interleaved, row-major).
 pub fn resize_crop(img: Decoded, size: u32) -> Result<Vec<u8>, String> {
     let g = Geometry::new(img.source_width, img.source_height, size);
+    let (full_w, full_h) = img.full_size();
     let src = Source {
         w: img.width,
         h: img.height,
         x0: img.x0,
         y0: img.y0,
-        full_w: img.full_width,
-        full_h: img.full_height,
+        full_w,
+        full_h,
         scale_x: axis_scale(img.source_width, g.resized_w, img.denom),
         scale_y: axis_scale(img.source_height, g.resized_h, img.denom),
     };
