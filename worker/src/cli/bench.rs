@@ -116,15 +116,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             let work: Vec<&[u8]> = (0..passes)
                 .flat_map(|_| inputs.iter().map(Vec::as_slice))
                 .collect();
-            let (tx, rx) = sync_channel::<Vec<PreparedImage>>(1);
+            // A file that fails to decode stops the run: counting it as done would inflate the rate.
+            let (tx, rx) = sync_channel::<anyhow::Result<Vec<PreparedImage>>>(1);
             std::thread::scope(|s| -> anyhow::Result<()> {
                 s.spawn(|| {
                     pool.install(|| {
                         for chunk in work.chunks(batch) {
-                            let prepared: Vec<PreparedImage> = chunk
+                            let prepared = chunk
                                 .par_iter()
-                                .filter_map(|b| pre.prepare(b, None).ok())
-                                .collect();
+                                .map(|b| pre.prepare(b, None))
+                                .collect::<Result<Vec<_>, _>>()
+                                .map_err(anyhow::Error::from);
                             if tx.send(prepared).is_err() {
                                 break;
                             }
@@ -133,6 +135,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                     })
                 });
                 for prepared in rx {
+                    let prepared = prepared?;
                     std::hint::black_box(
                         engine.embed_images(&prepared.iter().collect::<Vec<_>>(), 5)?,
                     );
