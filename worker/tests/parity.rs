@@ -8,7 +8,7 @@
 mod common;
 
 use clip_worker::engine::{Engine, EngineConfig, LabelSource};
-use clip_worker::model::{DEFAULT_MODEL, Placement};
+use clip_worker::model::{DEFAULT_MODEL, Gemm, Placement};
 use clip_worker::preprocess::{PreparedImage, Preprocessor};
 use clip_worker::tokenizer::ClipTokenizer;
 use common::*;
@@ -38,10 +38,17 @@ fn pixel_mad(img: &PreparedImage, reference: &[f32]) -> f64 {
 }
 
 fn engine(tag: &str) -> Engine {
+    engine_on(
+        tag,
+        Placement::resolve(Default::default(), Default::default(), 0).unwrap(),
+    )
+}
+
+fn engine_on(tag: &str, placement: Placement) -> Engine {
     let cfg = EngineConfig {
         weights: fixtures().join("models").join(tag),
         spec: DEFAULT_MODEL,
-        placement: Placement::resolve(Default::default(), Default::default(), 0).unwrap(),
+        placement,
         labels: LabelSource::Off,
         text_queries: true,
     };
@@ -86,8 +93,11 @@ fn preprocessing_matches_pil_in_every_format() {
 }
 
 fn check_image_embeddings(tag: &str) {
+    check_image_embeddings_on(tag, engine(tag));
+}
+
+fn check_image_embeddings_on(tag: &str, engine: Engine) {
     let reference = reference(tag);
-    let engine = engine(tag);
     let entries = manifest().images;
     let images: Vec<PreparedImage> = entries.iter().map(prepared).collect();
     let out = engine
@@ -118,7 +128,20 @@ fn image_embeddings_match_transformers_tiny() {
 
 #[test]
 fn image_embeddings_match_transformers_vit_b_32() {
-    check_image_embeddings("vit-b-32");
+    let engine = engine("vit-b-32");
+    // The CPU default runs the linear layers on oneDNN where libtorch has it (the PyTorch
+    // wheels do); the other backend is what CUDA and CPU bf16 use.
+    assert_eq!(engine.placement().gemm, Gemm::OneDnn);
+    check_image_embeddings_on("vit-b-32", engine);
+}
+
+#[test]
+fn image_embeddings_match_transformers_with_libtorchs_linear() {
+    let placement = Placement {
+        gemm: Gemm::Libtorch,
+        ..Placement::resolve(Default::default(), Default::default(), 0).unwrap()
+    };
+    check_image_embeddings_on("vit-b-32", engine_on("vit-b-32", placement));
 }
 
 /// The opt-in `--jpeg-draft` mode on the JPEG photos (the 2.5 MP one is decoded at 1/2 scale):

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 use tch::{Device, Kind, Tensor};
 
-use super::ModelError;
+use super::{Gemm, ModelError, Placement};
 
 /// An open, validated-on-read checkpoint.
 pub struct Checkpoint {
@@ -33,14 +33,15 @@ impl Checkpoint {
     }
 
     /// Parses the header; the returned reader borrows the mapping.
-    pub fn reader(&self, device: Device, kind: Kind) -> Result<TensorReader<'_>, ModelError> {
+    pub fn reader(&self, placement: Placement) -> Result<TensorReader<'_>, ModelError> {
         let st = SafeTensors::deserialize(&self.map)
             .map_err(|e| ModelError::Checkpoint(self.path.clone(), e.to_string()))?;
         Ok(TensorReader {
             st,
             path: &self.path,
-            device,
-            kind,
+            device: placement.device,
+            kind: placement.kind,
+            gemm: placement.gemm,
         })
     }
 }
@@ -51,11 +52,18 @@ pub struct TensorReader<'a> {
     path: &'a Path,
     device: Device,
     kind: Kind,
+    gemm: Gemm,
 }
 
 impl TensorReader<'_> {
     /// The tensor `name`, which must have exactly `shape`, on the model's device and dtype.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor, ModelError> {
+        self.get_scaled(name, shape, 1.0)
+    }
+
+    /// [`get`](Self::get) multiplied by `scale`, in fp32 before the compute dtype, so folding a
+    /// constant into weights adds no rounding beyond fp32's.
+    pub fn get_scaled(&self, name: &str, shape: &[i64], scale: f64) -> Result<Tensor, ModelError> {
         let err = |msg: String| ModelError::Checkpoint(self.path.into(), msg);
         let view = self
             .st
@@ -80,13 +88,24 @@ impl TensorReader<'_> {
         };
         let t = Tensor::f_from_data_size(view.data(), shape, src_kind)
             .map_err(|e| err(format!("tensor {name}: {e}")))?;
+        let t = if scale == 1.0 {
+            t
+        } else {
+            t.to_kind(Kind::Float) * scale
+        };
         // Convert on the host only when it shrinks the copy; otherwise convert on the device.
+        let src_kind = t.kind();
         let t = if self.kind.elt_size_in_bytes() < src_kind.elt_size_in_bytes() {
             t.to_kind(self.kind).to_device(self.device)
         } else {
             t.to_device(self.device).to_kind(self.kind)
         };
         Ok(t)
+    }
+
+    /// The backend the linear layers read from this checkpoint use.
+    pub fn gemm(&self) -> Gemm {
+        self.gemm
     }
 
     /// Whether the checkpoint has a tensor called `name`.

@@ -3,14 +3,18 @@
 
 use tch::Tensor;
 
+use super::Gemm;
 use super::ModelError;
 use super::checkpoint::TensorReader;
 use super::config::{Activation, TowerConfig};
 
 /// `y = x W^T + b`.
 pub struct Linear {
+    /// `[out, in]`; in oneDNN's layout when `gemm` is [`Gemm::OneDnn`].
     weight: Tensor,
     bias: Option<Tensor>,
+    out: i64,
+    gemm: Gemm,
 }
 
 impl Linear {
@@ -21,18 +25,64 @@ impl Linear {
         out: i64,
         bias: bool,
     ) -> Result<Self, ModelError> {
-        Ok(Linear {
-            weight: r.get(&format!("{prefix}.weight"), &[out, inp])?,
-            bias: if bias {
-                Some(r.get(&format!("{prefix}.bias"), &[out])?)
-            } else {
-                None
-            },
-        })
+        let weight = r.get(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(r.get(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Self::new(weight, bias, r.gemm()))
+    }
+
+    /// A layer computing `scale * (x W^T + b)`, folded into the weights at load time.
+    fn load_scaled(
+        r: &TensorReader,
+        prefix: &str,
+        inp: i64,
+        out: i64,
+        weight_scale: f64,
+        bias_scale: f64,
+    ) -> Result<Self, ModelError> {
+        let weight = r.get_scaled(&format!("{prefix}.weight"), &[out, inp], weight_scale)?;
+        let bias = r.get_scaled(&format!("{prefix}.bias"), &[out], bias_scale)?;
+        Ok(Self::new(weight, Some(bias), r.gemm()))
+    }
+
+    /// From dense `[out, in]` weights, converted once for `gemm`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, gemm: Gemm) -> Self {
+        let out = weight.size()[0];
+        let (weight, bias) = match gemm {
+            Gemm::Libtorch => (weight, bias),
+            Gemm::OneDnn => (weight.g_to_mkldnn(None), bias.map(|b| b.g_to_mkldnn(None))),
+        };
+        Linear {
+            weight,
+            bias,
+            out,
+            gemm,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        match self.gemm {
+            Gemm::Libtorch => x.linear(&self.weight, self.bias.as_ref()),
+            Gemm::OneDnn => {
+                // oneDNN's inner product is 2-D: flatten the leading dimensions, convert the
+                // activations in and out of oneDNN's layout (a copy each way, small next to the
+                // product), and restore the shape.
+                let mut shape = x.size();
+                let inp = shape.last().copied().unwrap_or(1);
+                let y = x
+                    .reshape([-1, inp])
+                    .g_to_mkldnn(None)
+                    .mkldnn_linear(&self.weight, self.bias.as_ref())
+                    .to_dense(None, false);
+                if let Some(last) = shape.last_mut() {
+                    *last = self.out;
+                }
+                y.reshape(shape)
+            }
+        }
     }
 }
 
@@ -78,16 +128,17 @@ impl Attention {
         let h = cfg.hidden_size;
         let weight = |n: &str| r.get(&format!("{prefix}.{n}.weight"), &[h, h]);
         let bias = |n: &str| r.get(&format!("{prefix}.{n}.bias"), &[h]);
-        let qkv = Linear {
-            weight: Tensor::cat(
+        let qkv = Linear::new(
+            Tensor::cat(
                 &[weight("q_proj")?, weight("k_proj")?, weight("v_proj")?],
                 0,
             ),
-            bias: Some(Tensor::cat(
+            Some(Tensor::cat(
                 &[bias("q_proj")?, bias("k_proj")?, bias("v_proj")?],
                 0,
             )),
-        };
+            r.gemm(),
+        );
         Ok(Attention {
             qkv,
             out: Linear::load(r, &format!("{prefix}.out_proj"), h, h, true)?,
@@ -115,7 +166,16 @@ impl Attention {
     }
 }
 
+/// QuickGELU's constant: `quick_gelu(x) = x * sigmoid(1.702 x)`.
+const QUICK_GELU: f64 = 1.702;
+
 /// The feed-forward block: `fc2(act(fc1(x)))`.
+///
+/// For QuickGELU the constant is folded into the weights: `fc1` is loaded scaled by 1.702, so its
+/// output is `u = 1.702 y`, and `silu(u) = u * sigmoid(u) = 1.702 * quick_gelu(y)`; `fc2`'s
+/// weight is loaded divided by 1.702 to undo it. The activation is then one in-place SiLU pass
+/// instead of a scale, a sigmoid and a product, each allocating a `[batch, tokens, 4 * hidden]`
+/// tensor (about 9% of a ViT-B/32 forward on CPU).
 pub struct Mlp {
     fc1: Linear,
     fc2: Linear,
@@ -125,20 +185,32 @@ pub struct Mlp {
 impl Mlp {
     fn load(r: &TensorReader, prefix: &str, cfg: &TowerConfig) -> Result<Self, ModelError> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (fc1, fc2) = (format!("{prefix}.fc1"), format!("{prefix}.fc2"));
+        let (fc1, fc2) = match cfg.activation {
+            Activation::QuickGelu => (
+                Linear::load_scaled(r, &fc1, h, i, QUICK_GELU, QUICK_GELU)?,
+                Linear::load_scaled(r, &fc2, i, h, 1.0 / QUICK_GELU, 1.0)?,
+            ),
+            Activation::Gelu | Activation::GeluTanh => (
+                Linear::load(r, &fc1, h, i, true)?,
+                Linear::load(r, &fc2, i, h, true)?,
+            ),
+        };
         Ok(Mlp {
-            fc1: Linear::load(r, &format!("{prefix}.fc1"), h, i, true)?,
-            fc2: Linear::load(r, &format!("{prefix}.fc2"), i, h, true)?,
+            fc1,
+            fc2,
             act: cfg.activation,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let x = self.fc1.forward(x);
-        let x = match self.act {
-            Activation::QuickGelu => &x * (&x * 1.702).sigmoid(),
-            Activation::Gelu => x.gelu("none"),
-            Activation::GeluTanh => x.gelu("tanh"),
-        };
+        let mut x = self.fc1.forward(x);
+        match self.act {
+            // fc1/fc2 carry the 1.702 (see the type's comment).
+            Activation::QuickGelu => _ = x.silu_(),
+            Activation::Gelu => _ = x.gelu_("none"),
+            Activation::GeluTanh => _ = x.gelu_("tanh"),
+        }
         self.fc2.forward(&x)
     }
 }
@@ -163,8 +235,10 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, causal: bool) -> Tensor {
-        let x = x + self.attn.forward(&self.ln1.forward(x), causal);
-        &x + self.mlp.forward(&self.ln2.forward(&x))
+        // The residual adds reuse the sublayers' fresh outputs instead of allocating.
+        let x = self.attn.forward(&self.ln1.forward(x), causal).g_add_(x);
+        let mut y = self.mlp.forward(&self.ln2.forward(&x));
+        y.g_add_(&x)
     }
 }
 
@@ -187,5 +261,36 @@ impl Encoder {
             x = layer.forward(&x, causal);
         }
         x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// The oneDNN path flattens and restores the leading dimensions; both backends must give the
+    /// same `[batch, tokens, out]` result, with and without a bias.
+    #[test]
+    fn onednn_and_libtorch_linear_agree() {
+        if !tch::utils::has_mkldnn() {
+            return;
+        }
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(7);
+        let opts = (Kind::Float, Device::Cpu);
+        let x = Tensor::randn([3, 5, 8], opts);
+        let w = Tensor::randn([6, 8], opts);
+        let b = Tensor::randn([6], opts);
+        for bias in [Some(b), None] {
+            let dense = Linear::new(w.copy(), bias.as_ref().map(Tensor::copy), Gemm::Libtorch);
+            let onednn = Linear::new(w.copy(), bias.as_ref().map(Tensor::copy), Gemm::OneDnn);
+            let (a, c) = (dense.forward(&x), onednn.forward(&x));
+            assert_eq!(c.size(), [3, 5, 6]);
+            let diff = (&a - &c).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "max |diff| {diff}");
+            // A 2-D input keeps its shape too.
+            assert_eq!(onednn.forward(&x.get(0)).size(), [5, 6]);
+        }
     }
 }

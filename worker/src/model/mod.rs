@@ -83,11 +83,36 @@ impl FromStr for PrecisionChoice {
     }
 }
 
-/// A resolved device and dtype.
+/// A resolved device and dtype, and the matrix-multiply backend of the linear layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {
     pub device: Device,
     pub kind: Kind,
+    pub gemm: Gemm,
+}
+
+/// Which kernels run the linear layers (about 85% of a CLIP forward).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gemm {
+    /// libtorch's `linear` (cuBLAS on CUDA; MKL's sgemm for fp32 on the CPU).
+    Libtorch,
+    /// oneDNN's inner product, with the weights converted to oneDNN's layout once at load: fp32
+    /// on the CPU. MKL's sgemm in the PyTorch wheels runs at about 200 GFLOP/s on the 2-core
+    /// AVX-512 AMD machine CI uses where oneDNN reaches about 450, for the same fp32 results up
+    /// to rounding (BENCHMARKS.md).
+    OneDnn,
+}
+
+impl Gemm {
+    /// oneDNN for fp32 on a CPU when libtorch was built with it; libtorch's `linear` otherwise
+    /// (CUDA, and bf16 on the CPU, which libtorch already sends to oneDNN).
+    pub fn preferred(device: Device, kind: Kind) -> Gemm {
+        if device == Device::Cpu && kind == Kind::Float && tch::utils::has_mkldnn() {
+            Gemm::OneDnn
+        } else {
+            Gemm::Libtorch
+        }
+    }
 }
 
 impl Placement {
@@ -121,7 +146,11 @@ impl Placement {
                 "fp16 is only supported on CUDA; use fp32 or bf16 on the CPU".into(),
             ));
         }
-        Ok(Placement { device, kind })
+        Ok(Placement {
+            device,
+            kind,
+            gemm: Gemm::preferred(device, kind),
+        })
     }
 
     /// Resolves against this machine.
@@ -134,7 +163,7 @@ impl Placement {
         Self::resolve(device, precision, cuda)
     }
 
-    /// Short human form, e.g. `cuda:0 fp16`.
+    /// Short human form, e.g. `cuda:0 fp16` or `cpu fp32 onednn`.
     pub fn describe(&self) -> String {
         let d = match self.device {
             Device::Cuda(i) => format!("cuda:{i}"),
@@ -145,7 +174,10 @@ impl Placement {
             Kind::BFloat16 => "bf16",
             _ => "fp32",
         };
-        format!("{d} {k}")
+        match self.gemm {
+            Gemm::Libtorch => format!("{d} {k}"),
+            Gemm::OneDnn => format!("{d} {k} onednn"),
+        }
     }
 }
 
@@ -169,7 +201,7 @@ impl ClipModel {
     pub fn load(dir: &Path, placement: Placement, towers: Towers) -> Result<Self, ModelError> {
         let config = ClipConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(&dir.join("model.safetensors"))?;
-        let r = ckpt.reader(placement.device, placement.kind)?;
+        let r = ckpt.reader(placement)?;
         let _guard = tch::no_grad_guard();
         let vision = VisionTower::load(&r, &config.vision, config.projection_dim)?;
         let text = match towers {
@@ -257,7 +289,8 @@ mod tests {
             p,
             Placement {
                 device: Device::Cuda(0),
-                kind: Kind::Half
+                kind: Kind::Half,
+                gemm: Gemm::Libtorch,
             }
         );
         assert_eq!(p.describe(), "cuda:0 fp16");
@@ -272,9 +305,13 @@ mod tests {
             p,
             Placement {
                 device: Device::Cpu,
-                kind: Kind::Float
+                kind: Kind::Float,
+                gemm: Gemm::OneDnn,
             }
         );
+        assert_eq!(p.describe(), "cpu fp32 onednn");
+        let p = Placement::resolve(DeviceChoice::Cpu, PrecisionChoice::Bf16, 0).unwrap();
+        assert_eq!(p.gemm, Gemm::Libtorch);
         let p = Placement::resolve(DeviceChoice::Cpu, PrecisionChoice::Auto, 4).unwrap();
         assert_eq!(p.device, Device::Cpu);
     }
