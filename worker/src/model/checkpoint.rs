@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use super::{Gemm, ModelError, Placement};
 
@@ -39,9 +39,7 @@ impl Checkpoint {
         Ok(TensorReader {
             st,
             path: &self.path,
-            device: placement.device,
-            kind: placement.kind,
-            gemm: placement.gemm,
+            placement,
         })
     }
 }
@@ -50,9 +48,7 @@ impl Checkpoint {
 pub struct TensorReader<'a> {
     st: SafeTensors<'a>,
     path: &'a Path,
-    device: Device,
-    kind: Kind,
-    gemm: Gemm,
+    placement: Placement,
 }
 
 impl TensorReader<'_> {
@@ -94,18 +90,18 @@ impl TensorReader<'_> {
             t.to_kind(Kind::Float) * scale
         };
         // Convert on the host only when it shrinks the copy; otherwise convert on the device.
-        let src_kind = t.kind();
-        let t = if self.kind.elt_size_in_bytes() < src_kind.elt_size_in_bytes() {
-            t.to_kind(self.kind).to_device(self.device)
+        let Placement { device, kind, .. } = self.placement;
+        let t = if kind.elt_size_in_bytes() < t.kind().elt_size_in_bytes() {
+            t.to_kind(kind).to_device(device)
         } else {
-            t.to_device(self.device).to_kind(self.kind)
+            t.to_device(device).to_kind(kind)
         };
         Ok(t)
     }
 
     /// The backend the linear layers read from this checkpoint use.
     pub fn gemm(&self) -> Gemm {
-        self.gemm
+        self.placement.gemm
     }
 
     /// Whether the checkpoint has a tensor called `name`.

@@ -25,27 +25,24 @@ impl Linear {
         out: i64,
         bias: bool,
     ) -> Result<Self, ModelError> {
-        let weight = r.get(&format!("{prefix}.weight"), &[out, inp])?;
-        let bias = if bias {
-            Some(r.get(&format!("{prefix}.bias"), &[out])?)
-        } else {
-            None
-        };
-        Ok(Self::new(weight, bias, r.gemm()))
+        Self::load_scaled(r, prefix, [inp, out], bias, 1.0, 1.0)
     }
 
-    /// A layer computing `scale * (x W^T + b)`, folded into the weights at load time.
+    /// A layer whose weight and bias are multiplied by constants at load time: with both equal
+    /// to `s` it computes `s * (x W^T + b)`.
     fn load_scaled(
         r: &TensorReader,
         prefix: &str,
-        inp: i64,
-        out: i64,
+        [inp, out]: [i64; 2],
+        bias: bool,
         weight_scale: f64,
         bias_scale: f64,
     ) -> Result<Self, ModelError> {
         let weight = r.get_scaled(&format!("{prefix}.weight"), &[out, inp], weight_scale)?;
-        let bias = r.get_scaled(&format!("{prefix}.bias"), &[out], bias_scale)?;
-        Ok(Self::new(weight, Some(bias), r.gemm()))
+        let bias = bias
+            .then(|| r.get_scaled(&format!("{prefix}.bias"), &[out], bias_scale))
+            .transpose()?;
+        Ok(Self::new(weight, bias, r.gemm()))
     }
 
     /// From dense `[out, in]` weights, converted once for `gemm`.
@@ -185,17 +182,13 @@ pub struct Mlp {
 impl Mlp {
     fn load(r: &TensorReader, prefix: &str, cfg: &TowerConfig) -> Result<Self, ModelError> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let (fc1, fc2) = (format!("{prefix}.fc1"), format!("{prefix}.fc2"));
-        let (fc1, fc2) = match cfg.activation {
-            Activation::QuickGelu => (
-                Linear::load_scaled(r, &fc1, h, i, QUICK_GELU, QUICK_GELU)?,
-                Linear::load_scaled(r, &fc2, i, h, 1.0 / QUICK_GELU, 1.0)?,
-            ),
-            Activation::Gelu | Activation::GeluTanh => (
-                Linear::load(r, &fc1, h, i, true)?,
-                Linear::load(r, &fc2, i, h, true)?,
-            ),
+        // fc1 scaled by 1.702 and fc2's weight by 1 / 1.702 for QuickGELU (see the type).
+        let (up, down) = match cfg.activation {
+            Activation::QuickGelu => (QUICK_GELU, 1.0 / QUICK_GELU),
+            Activation::Gelu | Activation::GeluTanh => (1.0, 1.0),
         };
+        let fc1 = Linear::load_scaled(r, &format!("{prefix}.fc1"), [h, i], true, up, up)?;
+        let fc2 = Linear::load_scaled(r, &format!("{prefix}.fc2"), [i, h], true, down, 1.0)?;
         Ok(Mlp {
             fc1,
             fc2,

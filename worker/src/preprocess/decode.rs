@@ -578,7 +578,19 @@ fn decode_pcx(bytes: &[u8], budget: Budget<'_>) -> Result<Decoded, PreprocessErr
 
 #[cfg(test)]
 mod tests {
+    use super::super::jpeg::encode_rgb;
     use super::*;
+    use std::sync::LazyLock;
+
+    /// Default limits and a default budget, shared by the tests.
+    fn default_budget() -> Budget<'static> {
+        static LIMITS: LazyLock<Limits> = LazyLock::new(Limits::default);
+        static MEMORY: LazyLock<DecodeMemory> = LazyLock::new(DecodeMemory::default);
+        Budget {
+            limits: &LIMITS,
+            memory: &MEMORY,
+        }
+    }
 
     #[test]
     fn adobe_marker_is_found_before_the_scan_only() {
@@ -602,26 +614,13 @@ mod tests {
                 ((x * (c + 1) + y * 3 + (x * y) % 97 * 2) % 256) as u8
             })
             .collect();
-        let img = turbojpeg::Image {
-            pixels: pixels.as_slice(),
-            width: w,
-            pitch: w * 3,
-            height: h,
-            format: turbojpeg::PixelFormat::RGB,
-        };
-        turbojpeg::compress(img, 90, subsamp)
-            .expect("encode")
-            .to_vec()
+        encode_rgb(&pixels, w, h, 90, subsamp)
     }
 
     #[test]
     fn decoding_only_the_crop_window_changes_nothing() {
         use super::super::resize::resize_crop;
-        let (limits, memory) = (Limits::default(), DecodeMemory::default());
-        let budget = Budget {
-            limits: &limits,
-            memory: &memory,
-        };
+        let budget = default_budget();
         for (w, h, ss) in [
             (1000, 700, turbojpeg::Subsamp::Sub2x2),
             (700, 1000, turbojpeg::Subsamp::Sub2x2),
@@ -649,11 +648,7 @@ mod tests {
     #[test]
     fn draft_keeps_twice_the_input_size() {
         let jpeg = test_jpeg(2000, 1000, turbojpeg::Subsamp::Sub2x2);
-        let (limits, memory) = (Limits::default(), DecodeMemory::default());
-        let budget = Budget {
-            limits: &limits,
-            memory: &memory,
-        };
+        let budget = default_budget();
         let d = decode_jpeg(&jpeg, budget, 224, true, false).unwrap();
         // 1/2 leaves a 500 px short side (>= 448); 1/4 would leave 250.
         assert_eq!(d.full_size(), (1000, 500));
@@ -678,19 +673,8 @@ mod tests {
                 [v as u8, (255.0 - v) as u8, 128]
             })
             .collect();
-        let img = turbojpeg::Image {
-            pixels: pixels.as_slice(),
-            width: w,
-            pitch: w * 3,
-            height: h,
-            format: turbojpeg::PixelFormat::RGB,
-        };
-        let jpeg = turbojpeg::compress(img, 95, turbojpeg::Subsamp::None).expect("encode");
-        let (limits, memory) = (Limits::default(), DecodeMemory::default());
-        let budget = Budget {
-            limits: &limits,
-            memory: &memory,
-        };
+        let jpeg = encode_rgb(&pixels, w, h, 95, turbojpeg::Subsamp::None);
+        let budget = default_budget();
         let draft = decode_jpeg(&jpeg, budget, 224, true, true).unwrap();
         assert_eq!(
             (draft.denom, draft.source_width, draft.full_size().0),

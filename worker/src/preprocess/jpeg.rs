@@ -178,6 +178,27 @@ impl Decompressor {
     }
 }
 
+/// `pixels` (packed RGB, `width` x `height`) encoded as a JPEG, for tests.
+#[cfg(test)]
+pub fn encode_rgb(
+    pixels: &[u8],
+    width: usize,
+    height: usize,
+    quality: i32,
+    subsamp: turbojpeg::Subsamp,
+) -> Vec<u8> {
+    let img = turbojpeg::Image {
+        pixels,
+        width,
+        pitch: width * 3,
+        height,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    turbojpeg::compress(img, quality, subsamp)
+        .expect("encode")
+        .to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

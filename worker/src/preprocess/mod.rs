@@ -282,16 +282,7 @@ mod tests {
         // 1600x1200: the crop window (about 1600x1200 RGB) plus the intermediate take ~6 MB each.
         let (w, h) = (1600usize, 1200usize);
         let pixels: Vec<u8> = (0..w * h * 3).map(|i| (i % 251) as u8).collect();
-        let img = turbojpeg::Image {
-            pixels: pixels.as_slice(),
-            width: w,
-            pitch: w * 3,
-            height: h,
-            format: turbojpeg::PixelFormat::RGB,
-        };
-        let jpeg = turbojpeg::compress(img, 85, turbojpeg::Subsamp::Sub2x2)
-            .expect("encode")
-            .to_vec();
+        let jpeg = jpeg::encode_rgb(&pixels, w, h, 85, turbojpeg::Subsamp::Sub2x2);
         let budget = 14 << 20;
         let pre = Preprocessor {
             memory: DecodeMemory::new(budget),
