@@ -243,8 +243,8 @@ fn events_in_vectors_and_enriched_events_out() {
     );
 
     worker.signal(libc::SIGTERM);
-    let (code, took) = worker.wait_exit(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "{}", worker.logs());
+    let (status, took) = worker.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "exit {status}:\n{}", worker.logs());
     // At most one long poll (10 s) plus the releases.
     assert!(
         took < Duration::from_secs(15),
@@ -512,13 +512,17 @@ fn sigterm_finishes_or_releases_what_is_in_flight() {
     let stack = rt.block_on(Stack::create(10));
     rt.block_on(send_photos(&stack, 40));
     let dir = tmp("term");
-    let mut env = stack.worker_env(free_port(), &tiny(), &dir);
+    // The full ViT-B/32 shape: when the receivers stop, the batcher hands what it holds to the
+    // inference thread, and that forward takes long enough to still run when the queue side is
+    // done. The process must wait for it (exiting under a running libtorch was a segfault).
+    let mut env = stack.worker_env(free_port(), &fixtures().join("models/vit-b-32"), &dir);
     // A long batch wait keeps images waiting in the batcher; no grace: what is unfinished at
     // SIGTERM must be released at once, not after the 60 s visibility timeout.
     env.extend([
         ("BATCH_SIZE".into(), "1000".into()),
         ("BATCH_WAIT_MS".into(), "60000".into()),
         ("SHUTDOWN_GRACE_SECONDS".into(), "0".into()),
+        ("EXTRACT_LABELS".into(), "false".into()),
     ]);
     let mut worker = Worker::spawn(&env, &dir.join("worker.log"));
     worker.wait_ready(Duration::from_secs(60));
@@ -532,9 +536,21 @@ fn sigterm_finishes_or_releases_what_is_in_flight() {
         std::thread::sleep(Duration::from_millis(100));
     }
     worker.signal(libc::SIGTERM);
-    let (code, took) = worker.wait_exit(Duration::from_secs(30));
-    assert_eq!(code, Some(0));
+    let (status, took) = worker.wait_exit(Duration::from_secs(30));
+    let logs = worker.logs();
+    assert_eq!(status.code(), Some(0), "exit {status}:\n{logs}");
     assert!(took < Duration::from_secs(15), "shutdown took {took:?}");
+    // The forward in progress at shutdown ran to its end before the process exited: nothing
+    // failed, nothing was logged after "stopped".
+    assert!(!logs.contains("inference failed"), "{logs}");
+    assert!(!logs.contains("panicked"), "{logs}");
+    assert!(
+        logs.trim_end()
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains(r#""message":"stopped""#)),
+        "{logs}"
+    );
     let (visible, in_flight) = rt.block_on(stack.depth(&stack.input));
     assert_eq!(in_flight, 0, "nothing left invisible");
     assert_eq!(

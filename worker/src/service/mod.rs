@@ -114,7 +114,7 @@ pub async fn serve(cfg: ServeConfig, model: ModelSettings) -> anyhow::Result<()>
     let top_k = cfg.top_k;
     let (thread_metrics, thread_health) = (metrics.clone(), health.clone());
     let torch_threads = model.torch_threads;
-    std::thread::Builder::new()
+    let inference = std::thread::Builder::new()
         .name("inference".into())
         .spawn(move || {
             if let Some(n) = torch_threads {
@@ -139,53 +139,65 @@ pub async fn serve(cfg: ServeConfig, model: ModelSettings) -> anyhow::Result<()>
                 .inference_alive
                 .store(false, Ordering::Relaxed);
         })?;
-    let (info, image_size) = loaded_rx
-        .await
-        .map_err(|_| anyhow::anyhow!("the inference thread died while loading the model"))?
-        .map_err(|e| anyhow::anyhow!("cannot load the model: {e}"))?;
-    health.model_loaded.store(true, Ordering::Relaxed);
+    // The queue side owns the batch sender, so when it ends, however it ends, the inference thread
+    // finishes the batch it holds and returns.
+    let outcome = async move {
+        let (info, image_size) = loaded_rx
+            .await
+            .map_err(|_| anyhow::anyhow!("the inference thread died while loading the model"))?
+            .map_err(|e| anyhow::anyhow!("cannot load the model: {e}"))?;
+        health.model_loaded.store(true, Ordering::Relaxed);
 
-    let max_receives = match aws.redrive_max_receives(&cfg.queue_url).await {
-        Ok(m) => {
-            health.queue_reachable.store(true, Ordering::Relaxed);
-            if m.is_none() && cfg.failure_queue.is_none() {
-                tracing::warn!(
-                    queue = %cfg.queue_url,
-                    "the input queue has no redrive policy and FAILURE_QUEUE_URL is unset: messages that cannot be processed are retried with backoff and never dead-lettered"
-                );
+        let max_receives = match aws.redrive_max_receives(&cfg.queue_url).await {
+            Ok(m) => {
+                health.queue_reachable.store(true, Ordering::Relaxed);
+                if m.is_none() && cfg.failure_queue.is_none() {
+                    tracing::warn!(
+                        queue = %cfg.queue_url,
+                        "the input queue has no redrive policy and FAILURE_QUEUE_URL is unset: messages that cannot be processed are retried with backoff and never dead-lettered"
+                    );
+                }
+                m
             }
-            m
+            Err(e) => {
+                tracing::error!("cannot read the input queue's attributes: {e}");
+                None
+            }
+        };
+        if cfg.topic.is_none() {
+            tracing::warn!("SNS_TARGET_TOPIC is empty: enriched events are not published");
         }
-        Err(e) => {
-            tracing::error!("cannot read the input queue's attributes: {e}");
-            None
-        }
-    };
-    if cfg.topic.is_none() {
-        tracing::warn!("SNS_TARGET_TOPIC is empty: enriched events are not published");
+        let pool = crate::cli::decode_pool(cfg.decode_threads)?;
+        let preprocessor = Preprocessor {
+            size: image_size,
+            ..model.preprocessor
+        };
+        tracing::info!(
+            queue = %cfg.queue_url, bucket = %cfg.bucket, model = info.name, batch_size = cfg.batch_size,
+            max_in_flight = cfg.max_in_flight, "worker started"
+        );
+        let pipeline = Pipeline::new(
+            cfg,
+            aws,
+            metrics,
+            health,
+            info,
+            preprocessor,
+            pool,
+            max_receives,
+        );
+        pipeline.run(stop_rx, batch_tx, result_rx).await;
+        anyhow::Ok(())
     }
-    let pool = crate::cli::decode_pool(cfg.decode_threads)?;
-    let preprocessor = Preprocessor {
-        size: image_size,
-        ..model.preprocessor
-    };
-    tracing::info!(
-        queue = %cfg.queue_url, bucket = %cfg.bucket, model = info.name, batch_size = cfg.batch_size,
-        max_in_flight = cfg.max_in_flight, "worker started"
-    );
-    let pipeline = Pipeline::new(
-        cfg,
-        aws,
-        metrics,
-        health,
-        info,
-        preprocessor,
-        pool,
-        max_receives,
-    );
-    pipeline.run(stop_rx, batch_tx, result_rx).await;
+    .await;
+    // Wait for it: a process that exits while libtorch still runs on another thread races
+    // libtorch's global destructors (oneDNN unmaps the code of its kernels): a segfault at exit
+    // instead of a clean one.
+    if let Ok(Err(_)) = tokio::task::spawn_blocking(move || inference.join()).await {
+        tracing::error!("the inference thread panicked");
+    }
     tracing::info!("stopped");
-    Ok(())
+    outcome
 }
 
 async fn wait_for_signal() {

@@ -441,12 +441,13 @@ impl Worker {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
-    /// Waits for exit; returns the status code and how long it took.
-    pub fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, Duration) {
+    /// Waits for exit; returns the status (its `Display` names a killing signal) and how long it
+    /// took.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (std::process::ExitStatus, Duration) {
         let start = Instant::now();
         while start.elapsed() < timeout {
             if let Ok(Some(s)) = self.child.try_wait() {
-                return (s.code(), start.elapsed());
+                return (s, start.elapsed());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
