@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and etcd from Go modules (no container engine, nothing prebuilt) and caches
-# them outside the repository, keyed by version; a second run reuses them.
+# Builds Kubernetes' components and etcd from Go modules (no container engine, nothing prebuilt)
+# and caches them outside the repository, keyed by version; a second run reuses them.
 #
-#   kube-apiserver: a throwaway module requiring k8s.io/kubernetes at the release, with every
-#                   k8s.io/* staging module replaced by its matching v0.x.y release (the list is read
-#                   from k8s.io/kubernetes' own go.mod), then `go build .../cmd/kube-apiserver`.
-#   etcd:           the etcdmain package of go.etcd.io/etcd/server/v3 behind a three-line main.
+#   scripts/control-plane.sh         kube-apiserver + etcd (the envtest tier)
+#   scripts/control-plane.sh node    also kube-controller-manager, kube-scheduler, kubelet and
+#                                    kube-proxy (the local cluster, scripts/cluster.sh)
 #
-# Prints the directory holding both binaries (use it as KUBEBUILDER_ASSETS / CONTROL_PLANE_BIN).
+#   Kubernetes: a throwaway module requiring k8s.io/kubernetes at the release, with every k8s.io/*
+#               staging module replaced by its matching v0.x.y release (the list is read from
+#               k8s.io/kubernetes' own go.mod), then `go build .../cmd/<component>`. The Go build
+#               cache is shared, so each further component costs seconds to minutes (kubelet
+#               ~9 minutes on 2 cores the first time).
+#   etcd:       the etcdmain package of go.etcd.io/etcd/server/v3 behind a three-line main.
+#
+# Prints the directory holding the binaries (use it as KUBEBUILDER_ASSETS / CONTROL_PLANE_BIN).
 set -euo pipefail
 K8S_VERSION=${K8S_VERSION:-1.35.4}
 ETCD_VERSION=${ETCD_VERSION:-3.6.16}
 CACHE_ROOT=${CLIP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/clip-operator}
 OUT="$CACHE_ROOT/control-plane/k8s-v$K8S_VERSION-etcd-v$ETCD_VERSION"
-if [ -x "$OUT/kube-apiserver" ] && [ -x "$OUT/etcd" ]; then
+components=(kube-apiserver)
+[ "${1:-}" = node ] && components+=(kube-controller-manager kube-scheduler kubelet kube-proxy)
+
+missing=()
+for c in "${components[@]}"; do [ -x "$OUT/$c" ] || missing+=("$c"); done
+if [ ${#missing[@]} -eq 0 ] && [ -x "$OUT/etcd" ]; then
   echo "$OUT"
   exit 0
 fi
@@ -22,10 +33,9 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
 
-if [ ! -x "$OUT/kube-apiserver" ]; then
-  echo "==> building kube-apiserver v$K8S_VERSION from Go modules (first run only, several minutes)" >&2
-  mkdir -p "$WORK/apiserver" && cd "$WORK/apiserver"
-  go mod init local/apiserver >/dev/null 2>&1
+if [ ${#missing[@]} -gt 0 ]; then
+  mkdir -p "$WORK/k8s" && cd "$WORK/k8s"
+  go mod init local/k8s >/dev/null 2>&1
   go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" > "$WORK/k8s.json"
   gomod=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["GoMod"])' "$WORK/k8s.json")
   minor=${K8S_VERSION#*.}
@@ -34,18 +44,21 @@ if [ ! -x "$OUT/kube-apiserver" ]; then
   for m in $(grep -E '^\s+k8s.io/[a-z0-9-]+ => \./staging/' "$gomod" | awk '{print $1}'); do
     go mod edit -replace="$m=$m@$staging_version"
   done
-  cat > main.go <<'GO'
-package main
-
-import _ "k8s.io/kubernetes/cmd/kube-apiserver/app"
-
-func main() {}
-GO
+  {
+    echo 'package main'
+    echo 'import ('
+    for c in "${missing[@]}"; do echo "	_ \"k8s.io/kubernetes/cmd/$c/app\""; done
+    echo ')'
+    echo 'func main() {}'
+  } > main.go
   go mod tidy >/dev/null 2>&1 || go mod tidy
   rm main.go
-  go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${minor%%.*}" \
-    -o "$OUT/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver
-  mv "$OUT/kube-apiserver.tmp" "$OUT/kube-apiserver"
+  for c in "${missing[@]}"; do
+    echo "==> building $c v$K8S_VERSION from Go modules (first run only; kubelet takes ~9 minutes on 2 cores)" >&2
+    go build -trimpath -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${minor%%.*}" \
+      -o "$OUT/$c.tmp" "k8s.io/kubernetes/cmd/$c"
+    mv "$OUT/$c.tmp" "$OUT/$c"
+  done
 fi
 
 if [ ! -x "$OUT/etcd" ]; then
