@@ -56,7 +56,7 @@ pub struct ClipProcessorSpec {
     /// How the number of workers follows the queue.
     #[serde(default)]
     pub scaling: Scaling,
-    /// GPU nodes for the workers.
+    /// The workers' nodes: GPUs (default, a Karpenter pool or existing GPU nodes) or CPUs.
     #[serde(default)]
     pub compute: Compute,
     /// Shared model-weight cache, mounted at /cache in every worker.
@@ -260,12 +260,29 @@ impl Default for NodePoolSpec {
     }
 }
 
-/// GPU capacity.
+/// What the workers run CLIP on.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDevice {
+    /// NVIDIA GPUs (default): each worker requests compute.gpusPerInstance of them and runs in
+    /// fp16, on a Karpenter GPU pool or existing GPU nodes.
+    #[default]
+    Gpu,
+    /// CPUs only: no GPU request and no node pool; workers request CPU and memory, run in fp32
+    /// on any node (or those compute.nodeSelector picks). For dev clusters and small volumes.
+    Cpu,
+}
+
+/// Worker capacity: GPUs (default) or CPUs.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.nodePool.provisioner == 'none' || ((!has(self.nodeSelector) || size(self.nodeSelector) == 0) && (!has(self.tolerations) || size(self.tolerations) == 0))").message("compute.nodeSelector and compute.tolerations are for nodePool.provisioner: none; a Karpenter pool is selected automatically"))]
+#[x_kube(validation = Rule::new("self.device == 'cpu' || self.nodePool.provisioner == 'none' || ((!has(self.nodeSelector) || size(self.nodeSelector) == 0) && (!has(self.tolerations) || size(self.tolerations) == 0))").message("compute.nodeSelector and compute.tolerations are for nodePool.provisioner: none or device: cpu; a Karpenter pool is selected automatically"))]
 pub struct Compute {
-    /// EC2 instance types for the node pool (the seed uses g4dn.xlarge: 4 vCPU, 16 GiB, one T4).
+    /// gpu (default) or cpu.
+    #[serde(default)]
+    pub device: ComputeDevice,
+    /// EC2 instance types for the GPU node pool (the seed uses g4dn.xlarge: 4 vCPU, 16 GiB, one
+    /// T4). Unused with device: cpu.
     #[serde(default = "default_instance_types")]
     #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 32)))]
     #[x_kube(validation = Rule::new(r"self.all(t, t.matches('^[a-z0-9-]+\\.[a-z0-9]+$'))").message("compute.instanceTypes must be EC2 instance types such as g4dn.xlarge"))]
@@ -273,18 +290,18 @@ pub struct Compute {
     /// on-demand (default) or spot.
     #[serde(default)]
     pub capacity_type: CapacityType,
-    /// GPUs each worker uses (and each instance has).
+    /// GPUs each worker uses (and each instance has). Unused with device: cpu.
     #[serde(default = "default_gpus")]
     #[schemars(range(min = 1, max = 8))]
     pub gpus_per_instance: i32,
     /// Who provides the nodes.
     #[serde(default)]
     pub node_pool: NodePoolSpec,
-    /// provisioner none: labels the GPU nodes carry.
+    /// provisioner none or device cpu: labels the workers' nodes carry.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
-    /// provisioner none: tolerations for those nodes' taints (the nvidia.com/gpu taint is
-    /// always tolerated).
+    /// provisioner none or device cpu: tolerations for those nodes' taints (GPU workers always
+    /// tolerate the nvidia.com/gpu taint).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub tolerations: Vec<Toleration>,
@@ -303,6 +320,7 @@ fn default_gpus() -> i32 {
 impl Default for Compute {
     fn default() -> Self {
         Compute {
+            device: ComputeDevice::Gpu,
             instance_types: default_instance_types(),
             capacity_type: CapacityType::OnDemand,
             gpus_per_instance: 1,
@@ -376,8 +394,9 @@ pub struct WorkerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     pub image: Option<String>,
-    /// Container resources. Default: 2 CPU / 8 GiB requested, 14 GiB limit, and
-    /// nvidia.com/gpu = compute.gpusPerInstance (always set from there).
+    /// Container resources. Default on GPUs: 2 CPU / 8 GiB requested, 14 GiB limit, and
+    /// nvidia.com/gpu = compute.gpusPerInstance (always set from there); on CPUs: 2 CPU / 3 GiB
+    /// requested, 6 GiB limit, and no GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Images per forward pass (BATCH_SIZE). Default: the worker's (32).

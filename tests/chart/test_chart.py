@@ -88,6 +88,9 @@ def test_values_reach_the_operator(helm):
     assert c["image"] == "123456789012.dkr.ecr.us-east-1.amazonaws.com/clip-operator:v0.1.0-rc1"
     assert env["WORKER_IMAGE"] == "123456789012.dkr.ecr.us-east-1.amazonaws.com/clip-worker:v0.1.0-rc1-cu130"
     assert env["WORKER_IMAGE_PULL_POLICY"] == "Always"
+    endpoint = "https://vpce-0123456789abcdef0.sqs.us-east-1.vpce.amazonaws.com"
+    assert env["WORKER_AWS_ENDPOINT_URL"] == endpoint
+    assert env["AWS_ENDPOINT_URL"] == endpoint and env["AWS_STS_REGIONAL_ENDPOINTS"] == "regional"
     assert env["LOG_FORMAT"] == "text" and env["LOG_LEVEL"] == "clip_operator=debug,info"
     assert env["METRICS_PORT"] == "9090" and c["ports"][0]["containerPort"] == 9090
     assert env["LEASE_NAME"] == "clip-controller-leader" and env["LEASE_SECONDS"] == "30"
@@ -148,6 +151,8 @@ def test_every_env_the_chart_sets_is_read_by_the_operator(helm):
     (["--set", "metrics.serviceMonitor.interval=often"], "/metrics/serviceMonitor/interval"),
     (["--set", "podDisruptionBudget.enabled=maybe"], "/podDisruptionBudget/enabled"),
     (["--set-json", "nodeSelector={\"a\": 1}"], "/nodeSelector/a"),
+    (["--set", "worker.awsEndpointUrl=localhost:5000"], "/worker/awsEndpointUrl"),
+    (["--set-json", "extraEnv=[{\"value\": \"x\"}]"], "/extraEnv/0"),
 ])
 def test_values_schema_rejects_bad_values(helm, args, message):
     out = template(helm, *args)

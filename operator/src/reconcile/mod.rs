@@ -472,6 +472,7 @@ async fn scale_tick(
     if depth.visible + depth.in_flight > 0 {
         status.last_active_time = Some(Time(now));
     }
+    let warmed = status::cache_warmed(p, o);
     let Some(deployment) = o.deployment.as_mut() else {
         return;
     };
@@ -499,6 +500,12 @@ async fn scale_tick(
         .get_or_create(&labels)
         .set(i64::from(decision.desired));
     if decision.desired == current {
+        return;
+    }
+    // Workers start once the shared cache holds the weights: a GPU node started earlier would
+    // only wait for the download, and every worker would queue on the download lock.
+    if decision.desired > current && !warmed {
+        tracing::info!(processor = %key(cp), "holding {current} workers until the cache-warm Job has filled the model cache ({} messages waiting)", depth.visible);
         return;
     }
     match apply::scale(

@@ -12,7 +12,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::validate::ValidatedProcessor;
-use crate::crd::{Provisioner, ReplicaStatus, ScalingEngine};
+use crate::crd::{ComputeDevice, Provisioner, ReplicaStatus, ScalingEngine};
 use crate::external::karpenter::NodePool;
 use crate::external::keda_scaled_object::ScaledObject;
 
@@ -86,6 +86,24 @@ fn condition_status(
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
+/// Whether the weights are where the workers look for them: always with a per-pod cache; with
+/// a shared one, once the cache-warm Job has succeeded.
+pub fn cache_warmed(p: &ValidatedProcessor, o: &Observed) -> bool {
+    if !p.cache.shared() {
+        return true;
+    }
+    o.cache_job
+        .as_ref()
+        .and_then(|j| j.status.as_ref())
+        .is_some_and(|s| {
+            s.succeeded.unwrap_or(0) > 0
+                || s.conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Complete" && c.status == "True")
+        })
+}
+
 fn cache_ready(p: &ValidatedProcessor, o: &Observed) -> Cond {
     const T: &str = "CacheReady";
     if !p.cache.shared() {
@@ -101,7 +119,7 @@ fn cache_ready(p: &ValidatedProcessor, o: &Observed) -> Cond {
     let status = job.status.clone().unwrap_or_default();
     let conds = status.conditions.unwrap_or_default();
     let has = |t: &str| conds.iter().any(|c| c.type_ == t && c.status == "True");
-    if has("Complete") || status.succeeded.unwrap_or(0) > 0 {
+    if cache_warmed(p, o) {
         yes(
             T,
             "Warmed",
@@ -125,6 +143,13 @@ fn cache_ready(p: &ValidatedProcessor, o: &Observed) -> Cond {
 
 fn node_pool_ready(p: &ValidatedProcessor, o: &Observed) -> Cond {
     const T: &str = "NodePoolReady";
+    if p.device == ComputeDevice::Cpu {
+        return yes(
+            T,
+            "ExistingNodes",
+            "CPU workers run on existing nodes (compute.device: cpu)",
+        );
+    }
     if p.provisioner == Provisioner::None {
         return yes(
             T,

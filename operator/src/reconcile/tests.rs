@@ -17,6 +17,7 @@ use crate::scaler::sqs::QueueReader;
 
 const CP: &str = "/apis/lakechain.dev/v1alpha1/namespaces/media/clipprocessors/photos";
 const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/media/deployments/photos-worker";
+const JOB: &str = "/apis/batch/v1/namespaces/media/jobs/photos-cache-warm-vit-b-32";
 
 fn manifest(spec: Value) -> Value {
     let mut m = json!({
@@ -428,7 +429,8 @@ async fn the_builtin_scaler_follows_a_real_queue() {
         manifest(json!({
             "source": {"queueUrl": "https://sqs.us-east-1.amazonaws.com/123456789012/clip-input"},
             "scaling": {"engine": "builtin", "cooldownSeconds": 2, "messagesPerInstance": 10},
-            "compute": {"nodePool": {"provisioner": "none"}}
+            "compute": {"nodePool": {"provisioner": "none"}},
+            "modelCache": {"claimName": "weights", "none": null}
         })),
     );
     let ctx = Context::new(
@@ -444,6 +446,13 @@ async fn the_builtin_scaler_follows_a_real_queue() {
         Action::requeue(Duration::from_secs(15)),
         "polls every pollingIntervalSeconds"
     );
+    // Messages wait, but the cache-warm Job has not filled the shared cache: no workers yet.
+    assert_eq!(fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"], 0);
+    assert_eq!(condition(&fake, "CacheReady")["status"], "False");
+    let mut job = fake.get(JOB).expect("the cache-warm Job");
+    job["status"] = json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]});
+    fake.insert(JOB, job);
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
     // 25 messages, 10 per worker: 3 workers, set through the scale subresource.
     assert_eq!(fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"], 3);
     assert!(

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use kube::ResourceExt;
 
-use crate::crd::{CapacityType, ClipProcessor, ClipProcessorSpec, Provisioner, ScalingEngine};
+use crate::crd::{
+    CapacityType, ClipProcessor, ClipProcessorSpec, ComputeDevice, Provisioner, ScalingEngine,
+};
 
 /// Where the model cache lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +67,8 @@ pub struct ValidatedProcessor {
     pub image: String,
     pub cache: CacheMode,
     pub engine: ScalingEngine,
+    pub device: ComputeDevice,
+    /// Who provides the nodes: always `None` on CPUs (no node pool is created for them).
     pub provisioner: Provisioner,
     pub capacity_type: CapacityType,
     pub settings: OperatorSettings,
@@ -136,7 +140,11 @@ pub fn validate(
         image,
         cache,
         engine: spec.scaling.engine,
-        provisioner: spec.compute.node_pool.provisioner,
+        device: spec.compute.device,
+        provisioner: match spec.compute.device {
+            ComputeDevice::Gpu => spec.compute.node_pool.provisioner,
+            ComputeDevice::Cpu => Provisioner::None,
+        },
         capacity_type: spec.compute.capacity_type,
         settings: settings.clone(),
     })
@@ -236,7 +244,7 @@ mod tests {
         let e = err(json!({"compute": {"nodeSelector": {"gpu": "t4"}}}));
         assert!(
             e.contains(
-                "compute.nodeSelector and compute.tolerations are for nodePool.provisioner: none"
+                "compute.nodeSelector and compute.tolerations are for nodePool.provisioner: none or device: cpu"
             ),
             "{e}"
         );
@@ -276,6 +284,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.region, "us-east-2");
+        let v = validate(
+            &manifest(json!({"compute": {"device": "cpu", "nodeSelector": {"pool": "general"}}})),
+            &s,
+        )
+        .unwrap();
+        assert_eq!(
+            (v.device, v.provisioner),
+            (ComputeDevice::Cpu, Provisioner::None),
+            "CPU workers get no node pool"
+        );
         assert_eq!(
             queue_region("https://sqs.cn-north-1.amazonaws.com.cn/123456789012/q").as_deref(),
             Some("cn-north-1")

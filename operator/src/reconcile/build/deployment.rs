@@ -19,15 +19,16 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::{
     LABEL_NAMESPACE, LABEL_PROCESSOR, container_security, labels, meta, names, pod_security,
 };
-use crate::crd::Provisioner;
+use crate::crd::{ComputeDevice, Provisioner};
 use crate::reconcile::validate::ValidatedProcessor;
 
 /// Seconds the worker gets after SIGTERM to finish a batch (`SHUTDOWN_GRACE_SECONDS`); the pod's
 /// termination grace period adds a margin for the releases that follow.
 pub const WORKER_GRACE_SECONDS: i64 = 30;
-/// A cold start may download gigabytes of weights and load them: the start-up probe allows 15 min.
-const STARTUP_PROBE_PERIOD: i32 = 10;
-const STARTUP_PROBE_FAILURES: i32 = 90;
+/// A cold start may download gigabytes of weights and load them: the start-up probe allows 15 min,
+/// checked every 2 s so a worker counts as Ready soon after its model is loaded.
+const STARTUP_PROBE_PERIOD: i32 = 2;
+const STARTUP_PROBE_FAILURES: i32 = 450;
 
 /// The worker environment: the seed's variables, then ours, then the user's (which win).
 pub fn worker_env(p: &ValidatedProcessor) -> Vec<EnvVar> {
@@ -61,6 +62,9 @@ pub fn worker_env(p: &ValidatedProcessor) -> Vec<EnvVar> {
     if let Some(b) = p.spec.worker.batch_size {
         vars.push(var(env::BATCH_SIZE, b.to_string()));
     }
+    if p.device == ComputeDevice::Cpu {
+        vars.push(var(env::CLIP_DEVICE, "cpu".into()));
+    }
     if let Some(endpoint) = &p.settings.aws_endpoint_url {
         vars.push(var(env::AWS_ENDPOINT_URL, endpoint.clone()));
     }
@@ -71,9 +75,15 @@ pub fn worker_env(p: &ValidatedProcessor) -> Vec<EnvVar> {
     vars
 }
 
-/// Resources: the user's, with the GPU count always taken from compute.gpusPerInstance.
+/// Resources: the user's, else the device's defaults; on GPUs the GPU count is always taken
+/// from compute.gpusPerInstance.
 fn resources(p: &ValidatedProcessor) -> ResourceRequirements {
     let q = |s: &str| Quantity(s.to_string());
+    let (memory_request, memory_limit) = match p.device {
+        ComputeDevice::Gpu => ("8Gi", "14Gi"),
+        // fp32 weights (0.6-1.7 GB) plus the decode budget (2 GiB); no CUDA context.
+        ComputeDevice::Cpu => ("3Gi", "6Gi"),
+    };
     let mut r = p
         .spec
         .worker
@@ -82,11 +92,14 @@ fn resources(p: &ValidatedProcessor) -> ResourceRequirements {
         .unwrap_or_else(|| ResourceRequirements {
             requests: Some(BTreeMap::from([
                 ("cpu".into(), q("2")),
-                ("memory".into(), q("8Gi")),
+                ("memory".into(), q(memory_request)),
             ])),
-            limits: Some(BTreeMap::from([("memory".into(), q("14Gi"))])),
+            limits: Some(BTreeMap::from([("memory".into(), q(memory_limit))])),
             ..Default::default()
         });
+    if p.device == ComputeDevice::Cpu {
+        return r;
+    }
     let gpus = q(&p.spec.compute.gpus_per_instance.to_string());
     r.limits
         .get_or_insert_with(BTreeMap::new)
@@ -140,12 +153,15 @@ pub fn deployment(p: &ValidatedProcessor) -> Deployment {
             ..Default::default()
         },
     };
-    let mut tolerations = vec![Toleration {
-        key: Some("nvidia.com/gpu".into()),
-        operator: Some("Exists".into()),
-        effect: Some("NoSchedule".into()),
-        ..Default::default()
-    }];
+    let mut tolerations = Vec::new();
+    if p.device == ComputeDevice::Gpu {
+        tolerations.push(Toleration {
+            key: Some("nvidia.com/gpu".into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        });
+    }
     let node_selector = match p.provisioner {
         Provisioner::Karpenter => {
             BTreeMap::from([("karpenter.sh/nodepool".to_string(), names::node_pool(p))])
@@ -230,7 +246,7 @@ pub fn deployment(p: &ValidatedProcessor) -> Deployment {
                         },
                     ]),
                     node_selector: (!node_selector.is_empty()).then_some(node_selector),
-                    tolerations: Some(tolerations),
+                    tolerations: (!tolerations.is_empty()).then_some(tolerations),
                     termination_grace_period_seconds: Some(WORKER_GRACE_SECONDS + 15),
                     security_context: Some(pod_security()),
                     ..Default::default()
@@ -355,6 +371,27 @@ mod tests {
             "g5.xlarge"
         );
         assert_eq!(pod.tolerations.unwrap().len(), 2);
+    }
+
+    #[test]
+    fn cpu_workers_request_no_gpu_and_run_on_the_cpu() {
+        let p =
+            processor(json!({"compute": {"device": "cpu", "nodeSelector": {"pool": "general"}}}));
+        let pod = deployment(&p).spec.unwrap().template.spec.unwrap();
+        let r = pod.containers[0].resources.clone().unwrap();
+        let named = |m: Option<BTreeMap<String, Quantity>>| m.unwrap_or_default();
+        let (requests, limits) = (named(r.requests), named(r.limits));
+        assert!(
+            !requests.contains_key("nvidia.com/gpu") && !limits.contains_key("nvidia.com/gpu"),
+            "{requests:?} {limits:?}"
+        );
+        assert_eq!(requests["cpu"], Quantity("2".into()));
+        assert_eq!(limits["memory"], Quantity("6Gi".into()));
+        assert_eq!(env_map(&p)[env::CLIP_DEVICE], "cpu");
+        assert_eq!(pod.node_selector.unwrap()["pool"], "general");
+        assert!(pod.tolerations.is_none(), "no GPU taint to tolerate");
+        // A GPU processor says nothing about the device: the worker picks CUDA when it has one.
+        assert!(!env_map(&processor(json!({}))).contains_key(env::CLIP_DEVICE));
     }
 
     #[test]

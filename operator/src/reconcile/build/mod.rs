@@ -261,6 +261,13 @@ pub(crate) mod tests {
             serde_json::json!({"modelCache": {"claimName": "weights"}}),
         ));
         assert!(claim.cache_warm_job.is_some() && claim.persistent_volume.is_none());
+        let cpu = children(&processor(
+            serde_json::json!({"compute": {"device": "cpu"}}),
+        ));
+        assert!(
+            cpu.node_pool.is_none() && cpu.deployment.is_some(),
+            "CPU workers need no GPU node pool"
+        );
     }
 
     #[test]
