@@ -223,3 +223,21 @@ fn serve_reads_every_variable_of_the_contract() {
     want.sort();
     assert_eq!(read, want);
 }
+
+#[test]
+fn text_logs_to_a_pipe_carry_no_colour_codes() {
+    // `kubectl logs`, `docker logs` and CI captures read stderr from a pipe, as here.
+    let f = fixtures();
+    let out = Command::new(env!("CARGO_BIN_EXE_clip-worker"))
+        .args(["embed", "--weights"])
+        .arg(f.join("models/tiny"))
+        .arg(f.join("images/coffee.gif"))
+        .env("LOG_FORMAT", "text")
+        .output()
+        .expect("run clip-worker");
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("model loaded"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "ANSI escapes in {stderr:?}");
+    assert!(stderr.contains("placement=cpu fp32"), "{stderr}");
+}

@@ -63,7 +63,9 @@ impl LogArgs {
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_writer(std::io::stderr);
+            .with_writer(std::io::stderr)
+            // Colour only on a terminal: `kubectl logs`, `docker logs` and files get plain text.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
         match self.log_format {
             LogFormat::Json => builder.json().flatten_event(true).init(),
             LogFormat::Text => builder.init(),
