@@ -18,11 +18,15 @@ export CLIP_FIXTURES := $(FIXTURES)
 CARGO ?= cargo
 CARGO_FLAGS := --release --locked
 
-.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo bench crd dashboard clean
+.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo demo-worker bench bench-images crd dashboard clean images cluster-up cluster-down node-components e2e
 
 help:
-	@echo "make test    build everything and run every test (what CI runs)"
-	@echo "make demo    embed the sample photos with clip-worker (see README)"
+	@echo "make test    build everything and run every test (what CI runs; root + docker)"
+	@echo "make demo    the chart, a ClipProcessor and the sample photos on the local cluster, 0 -> N -> 0"
+	@echo "make demo-worker   embed the sample photos with clip-worker alone (no cluster)"
+	@echo "make images  the operator and worker images, with docker"
+	@echo "make cluster-up / cluster-down   the single-node cluster built from source"
+	@echo "make e2e     the chart and the images on that cluster: cache warm, 0 -> N -> 0, faults"
 	@echo "make bench   throughput vs the Python reference; see BENCHMARKS.md"
 	@echo "make lint    cargo fmt --check + clippy -D warnings"
 	@echo "make crd     regenerate crds/ from the Rust types"
@@ -50,7 +54,8 @@ build-worker: setup
 fixtures: venv
 	$(PY) tests/fixtures/make_fixtures.py $(FIXTURES)
 
-test: lint test-rust validate-manifests test-python
+test: lint test-rust validate-manifests test-python e2e
+	@bash tests/cluster/cluster.sh down
 
 test-rust: build fixtures control-plane kube-tools
 	$(CARGO) test $(CARGO_FLAGS) --workspace
@@ -67,9 +72,34 @@ kube-tools: venv
 envtest: build control-plane kube-tools
 	$(CARGO) test $(CARGO_FLAGS) -p clip-operator --test control_plane -- --nocapture
 
-# The chart, the Argo CD health check and the container images (helm, lua, the built binaries).
-test-python: build kube-tools
+# The chart, the Argo CD health check and the container images (helm, lua, the built binaries,
+# the images themselves run in containers).
+test-python: build kube-tools images
 	$(PY) -m pytest -q tests/chart tests/argocd tests/images
+
+# The operator and worker images from their Dockerfiles (docker with BuildKit; base images made
+# from Debian packages where no registry is reachable: scripts/base-images.sh).
+images: build
+	@bash scripts/images.sh
+
+# kube-controller-manager, kube-scheduler, kubelet and kube-proxy too (first run: ~15 minutes).
+node-components:
+	@bash scripts/control-plane.sh node > /dev/null
+
+# The single-node cluster (needs root): etcd, the control plane, kubelet on containerd, kube-proxy,
+# moto; idempotent. cluster-down stops it all and removes its state.
+cluster-up: venv kube-tools node-components
+	@bash tests/cluster/cluster.sh up
+
+cluster-down:
+	@bash tests/cluster/cluster.sh down
+
+# The chart and the images on a fresh local cluster, end to end; writes target/e2e/report.json.
+# The cluster stays up afterwards (make cluster-down); E2E_KEEP=1 also keeps what the test made.
+e2e: build fixtures images venv kube-tools node-components
+	@bash tests/cluster/cluster.sh down
+	@bash tests/cluster/cluster.sh up
+	$(PY) -m pytest -q -s -p no:cacheprovider tests/e2e
 
 # Every object `clip-operator render` emits for examples/, against the Kubernetes schemas and the
 # upstream Karpenter/KEDA CRDs.
@@ -92,11 +122,22 @@ lint: setup
 fmt:
 	$(CARGO) fmt --all
 
-demo: build fixtures
+# The main job on the local cluster (or the cluster KUBECONFIG names with DEMO_CLUSTER=external).
+demo: build fixtures images kube-tools
+	@if [ "$${DEMO_CLUSTER:-local}" = local ]; then $(MAKE) --no-print-directory cluster-up; fi
 	$(PY) scripts/demo.py
+	@if [ "$${DEMO_CLUSTER:-local}" = local ] && [ "$${DEMO_KEEP_CLUSTER:-0}" != 1 ]; then bash tests/cluster/cluster.sh down; fi
+
+# The worker alone on this machine: moto, the sample photos, clip-worker serve.
+demo-worker: build fixtures
+	$(PY) scripts/demo_worker.py
 
 bench: build fixtures
 	$(PY) tests/bench/bench.py --worker target/release/clip-worker --fixtures $(FIXTURES)
+
+# Image layers: sizes uncompressed and gzip, and which layers a rebuild re-ships.
+bench-images: images
+	$(PY) tests/bench/images.py --rebuild
 
 clean:
 	$(CARGO) clean

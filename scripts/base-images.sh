@@ -25,7 +25,7 @@ DOCKER=${DOCKER:-docker}
 MODE=${CLIP_BASE_IMAGES:-auto}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # Bump when the recipe or its package list changes.
-KEY=bookworm-r1
+KEY=bookworm-r2
 SLIM=clip-local/debian-slim:$KEY
 DISTROLESS=clip-local/distroless-cc-nonroot:$KEY
 
@@ -65,18 +65,23 @@ fi
 
 if ! have "$DISTROLESS"; then
   echo "==> making $DISTROLESS from Debian packages (extracted, no package manager)" >&2
+  # The extract variant runs setup and extract hooks only (no customize hooks).
   mmdebstrap --variant=extract --quiet \
     --include=libc6,libgcc-s1,libstdc++6,libssl3,base-files,netbase,ca-certificates \
-    --customize-hook='cat "$1"/usr/share/ca-certificates/mozilla/*.crt > "$1"/etc/ssl/certs/ca-certificates.crt' \
-    --customize-hook='printf "root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n" > "$1"/etc/passwd' \
-    --customize-hook='printf "root:x:0:\nnonroot:x:65532:\n" > "$1"/etc/group' \
-    --customize-hook='mkdir -p "$1"/home/nonroot "$1"/tmp && chown 65532:65532 "$1"/home/nonroot && chmod 1777 "$1"/tmp' \
-    --customize-hook='rm -rf "$1"/usr/share/doc "$1"/usr/share/man "$1"/usr/share/info "$1"/usr/share/lintian "$1"/var/lib/dpkg "$1"/var/cache/* "$1"/var/log/*' \
+    --extract-hook='cat "$1"/usr/share/ca-certificates/mozilla/*.crt > "$1"/etc/ssl/certs/ca-certificates.crt' \
+    --extract-hook='printf "root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n" > "$1"/etc/passwd' \
+    --extract-hook='printf "root:x:0:\nnonroot:x:65532:\n" > "$1"/etc/group' \
+    --extract-hook='mkdir -p "$1"/home/nonroot "$1"/tmp && chown 65532:65532 "$1"/home/nonroot && chmod 1777 "$1"/tmp' \
+    --extract-hook='rm -rf "$1"/usr/share/doc "$1"/usr/share/man "$1"/usr/share/info "$1"/usr/share/lintian "$1"/var/lib/dpkg "$1"/var/cache/* "$1"/var/log/*' \
     bookworm "$WORK/distroless.tar" "$MIRROR"
   $DOCKER import --change 'USER 65532:65532' --change 'WORKDIR /home/nonroot' \
     "$WORK/distroless.tar" "$DISTROLESS" >/dev/null
 fi
 
+# Stand-ins of earlier recipes are no longer used.
+for old in $($DOCKER images --format '{{.Repository}}:{{.Tag}}' 'clip-local/*' | grep -v ":$KEY\$"); do
+  $DOCKER rmi "$old" >/dev/null 2>&1 || true
+done
 echo "BINARIES=host"
 echo "WORKER_RUNTIME_IMAGE=$SLIM"
 echo "OPERATOR_RUNTIME_IMAGE=$DISTROLESS"

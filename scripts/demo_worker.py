@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`make demo`: the whole data path on one machine.
+"""`make demo-worker`: the whole data path on one machine, without a cluster.
 
 Starts a local S3/SQS/SNS (moto's server, on loopback), creates what a Lakechain middleware has
 (input queue with a dead-letter queue, cache bucket, output topic with a queue subscribed to it),

@@ -26,10 +26,20 @@ if [ "${arg[BINARIES]}" = host ]; then
   done
   echo "==> no registry reachable: images take the binaries make build made here (BINARIES=host)" >&2
 fi
+# build IMAGE DOCKERFILE ARGS...: the image this tag named before is removed once it is unused,
+# so repeated builds do not pile up gigabytes of dangling images.
+build() {
+  local image=$1 dockerfile=$2; shift 2
+  local before; before=$($DOCKER image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)
+  $DOCKER build -q "$@" -f "$dockerfile" -t "$image" . >/dev/null
+  if [ -n "$before" ] && [ "$before" != "$($DOCKER image inspect -f '{{.Id}}' "$image")" ]; then
+    $DOCKER rmi "$before" >/dev/null 2>&1 || true
+  fi
+}
 echo "==> building $OPERATOR_IMAGE:$TAG (operator/Dockerfile)" >&2
-$DOCKER build -q "${operator_args[@]}" -f operator/Dockerfile -t "$OPERATOR_IMAGE:$TAG" . >/dev/null
+build "$OPERATOR_IMAGE:$TAG" operator/Dockerfile "${operator_args[@]}"
 echo "==> building $WORKER_IMAGE:$TAG (worker/Dockerfile; copies 3.6 GB of libtorch + CUDA the first time)" >&2
-$DOCKER build -q "${worker_args[@]}" -f worker/Dockerfile -t "$WORKER_IMAGE:$TAG" . >/dev/null
+build "$WORKER_IMAGE:$TAG" worker/Dockerfile "${worker_args[@]}"
 for image in "$OPERATOR_IMAGE:$TAG" "$WORKER_IMAGE:$TAG"; do
   printf '%s  %s\n' "$image" "$($DOCKER image inspect -f '{{.Size}}' "$image" | numfmt --to=iec)"
 done

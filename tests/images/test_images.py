@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def test_the_operator_image_runs_as_nonroot_and_prints_the_committed_crd(docker)
     r = run(docker, OPERATOR, "crd", opts=("--read-only",))
     assert r.returncode == 0, r.stderr
     assert r.stdout == (ROOT / "crds/clipprocessors.lakechain.dev.yaml").read_text()
+    # TLS to AWS needs the CA bundle; the user needs its passwd entry, as distroless has them.
+    cid = subprocess.run([docker, "create", OPERATOR], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        bundle = subprocess.run([docker, "cp", f"{cid}:/etc/ssl/certs/ca-certificates.crt", "-"],
+                                capture_output=True, check=True).stdout
+        passwd = subprocess.run([docker, "cp", f"{cid}:/etc/passwd", "-"], capture_output=True, check=True).stdout
+    finally:
+        subprocess.run([docker, "rm", cid], capture_output=True)
+    assert bundle.count(b"BEGIN CERTIFICATE") > 100
+    assert b"nonroot:x:65532:65532" in passwd
     # distroless: no shell to exec into.
     r = subprocess.run([docker, "run", "--rm", "--network", "none", "--entrypoint", "/bin/sh", OPERATOR, "-c", "true"],
                        capture_output=True, text=True)
@@ -51,8 +62,12 @@ def test_the_worker_image_resolves_every_library_and_links_libtorch_cuda(docker)
     assert any("libcudart" in l for l in r.stdout.splitlines()), "CUDA runtime from the image's nvidia/"
 
 
-def test_the_worker_image_finds_no_gpu_here_and_embeds_on_the_cpu(docker):
-    weights = FIXTURES / "models/tiny"
+def test_the_worker_image_finds_no_gpu_here_and_embeds_on_the_cpu(docker, tmp_path):
+    # A weights directory uid 1000 may read (the fixtures are private to the user who made them).
+    weights = tmp_path / "tiny"
+    shutil.copytree(FIXTURES / "models/tiny", weights)
+    for f in [tmp_path, weights, *weights.iterdir()]:
+        f.chmod(0o755 if f.is_dir() else 0o644)
     photo = FIXTURES / "images/chelsea-baseline.jpg"
     mounts = ("--read-only", "--tmpfs", "/tmp", "-v", f"{weights}:/weights:ro", "-v", f"{photo}:/in/cat.jpg:ro")
     r = run(docker, WORKER, "embed", "--device", "cuda", "--weights", "/weights", "/in/cat.jpg",

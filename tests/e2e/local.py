@@ -1,0 +1,292 @@
+"""What `make e2e` and `make demo` share: the local cluster (tests/cluster/cluster.sh), the images
+`make images` built, the chart, a middleware's queues/bucket/topic on the cluster's moto, Lakechain
+events, and the model weights served over HTTP the way a cache-warm Job downloads them."""
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from functools import partial
+from pathlib import Path
+
+import boto3
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = Path(os.environ.get("CLIP_FIXTURES", ROOT / "target/fixtures"))
+CLUSTER = ROOT / "tests/cluster/cluster.sh"
+TAG = os.environ.get("IMAGE_TAG", "dev")
+OPERATOR_IMAGE = os.environ.get("OPERATOR_IMAGE", "ghcr.io/clip-operator/clip-operator") + ":" + TAG
+WORKER_IMAGE = os.environ.get("WORKER_IMAGE", "ghcr.io/clip-operator/clip-worker") + ":" + TAG
+ACCOUNT, REGION = "123456789012", "us-east-1"
+# Messages a worker holds at once: what a killed worker can leave to be redelivered.
+MAX_IN_FLIGHT = 16
+MIME = {".jpg": "image/jpeg", ".png": "image/png", ".gif": "image/gif", ".bmp": "image/bmp",
+        ".tiff": "image/tiff", ".webp": "image/webp", ".pcx": "image/x-pcx"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cluster_env() -> dict[str, str]:
+    """The variables `cluster.sh env` prints (KUBECONFIG, AWS_ENDPOINT_URL, ...)."""
+    out = subprocess.run(["bash", str(CLUSTER), "env"], capture_output=True, text=True, check=True).stdout
+    env = {}
+    for line in out.splitlines():
+        for part in line.removeprefix("export ").split():
+            if "=" in part:
+                k, v = part.split("=", 1)
+                env[k] = v
+    return env
+
+
+def external_env() -> dict[str, str]:
+    """DEMO_CLUSTER=external: a cluster the user names (kind, k3d, EKS) instead of the local one.
+    KUBECONFIG as usual; DEMO_AWS_ENDPOINT_URL: an S3/SQS/SNS endpoint both this machine and the
+    pods reach (moto or LocalStack); DEMO_HOST: this machine's address as the pods see it (the
+    weights are served from here)."""
+    missing = [v for v in ("KUBECONFIG", "DEMO_AWS_ENDPOINT_URL", "DEMO_HOST") if not os.environ.get(v)]
+    if missing:
+        raise SystemExit(f"DEMO_CLUSTER=external needs {', '.join(missing)} (see README, Demo)")
+    return {"KUBECONFIG": os.environ["KUBECONFIG"], "AWS_ENDPOINT_URL": os.environ["DEMO_AWS_ENDPOINT_URL"],
+            "CLIP_CLUSTER_HOST": os.environ["DEMO_HOST"], "CLIP_CLUSTER_CACHE": "none"}
+
+
+class Kube:
+    """kubectl against the local cluster (or any cluster KUBECONFIG names)."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = {**os.environ, "KUBECONFIG": env["KUBECONFIG"]}
+        tools = subprocess.run(["bash", str(ROOT / "scripts/kube-tools.sh")], capture_output=True, text=True,
+                               check=True).stdout.strip()
+        self.kubectl_bin, self.helm_bin = f"{tools}/kubectl", f"{tools}/helm"
+
+    def run(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([self.kubectl_bin, *args], input=stdin, capture_output=True, text=True, env=self.env)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {r.stderr.strip()}")
+        return r
+
+    def json(self, *args: str) -> dict:
+        return json.loads(self.run(*args, "-o", "json").stdout)
+
+    def apply(self, manifest: str | dict) -> None:
+        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+        self.run("apply", "--server-side", "--field-manager", "e2e", "-f", "-", stdin=text)
+
+    def helm(self, *args: str) -> str:
+        r = subprocess.run([self.helm_bin, *args], capture_output=True, text=True, env=self.env)
+        if r.returncode != 0:
+            raise RuntimeError(f"helm {' '.join(args)}: {r.stderr.strip()}")
+        return r.stdout
+
+
+def wait(what: str, timeout: float, check, every: float = 0.5):
+    """Polls `check` until it returns something truthy; raises with `what` on timeout."""
+    deadline = time.time() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.time() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+def load_images(images: list[str]) -> None:
+    subprocess.run(["bash", str(CLUSTER), "load", *images], check=True)
+
+
+def upstream_crds(kube: Kube) -> None:
+    """Karpenter's and KEDA's CRDs, as on an EKS cluster with Karpenter (scripts/upstream-crds.sh)."""
+    path = subprocess.run(["bash", str(ROOT / "scripts/upstream-crds.sh")], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    kube.run("apply", "--server-side", "-f", path)
+
+
+def install_chart(kube: Kube, env: dict[str, str], namespace: str = "clip-system", replicas: int = 2) -> None:
+    """The chart, with the locally built images and the cluster's moto as the operator's AWS."""
+    upstream_crds(kube)
+    endpoint = env["AWS_ENDPOINT_URL"]
+    extra = [{"name": "AWS_ENDPOINT_URL", "value": endpoint}, {"name": "AWS_ACCESS_KEY_ID", "value": "testing"},
+             {"name": "AWS_SECRET_ACCESS_KEY", "value": "testing"}, {"name": "AWS_REGION", "value": REGION}]
+    repo, tag = OPERATOR_IMAGE.rsplit(":", 1)
+    wrepo, wtag = WORKER_IMAGE.rsplit(":", 1)
+    kube.helm("upgrade", "--install", "clip-operator", str(ROOT / "charts/clip-operator"), "-n", namespace,
+              "--create-namespace", "--wait", "--timeout", "180s",
+              "--set", f"replicaCount={replicas}", "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
+              "--set", "image.pullPolicy=Never", "--set", f"worker.image.repository={wrepo}",
+              "--set", f"worker.image.tag={wtag}", "--set", "worker.image.pullPolicy=Never",
+              "--set", f"worker.awsEndpointUrl={endpoint}", "--set", "logFormat=json",
+              "--set-json", f"extraEnv={json.dumps(extra)}")
+
+
+class Middleware:
+    """What a Lakechain middleware gives the processor: input queue (with a dead-letter queue),
+    documents and cache buckets, output topic; plus a queue subscribed to the topic (raw
+    delivery) to read the enriched events."""
+
+    def __init__(self, endpoint: str, prefix: str):
+        kw = dict(endpoint_url=endpoint, region_name=REGION, aws_access_key_id="testing",
+                  aws_secret_access_key="testing")
+        self.s3, self.sqs, self.sns = (boto3.client(s, **kw) for s in ("s3", "sqs", "sns"))
+        self.docs_bucket, self.cache_bucket = f"{prefix}-documents", f"{prefix}-cache"
+        for b in (self.docs_bucket, self.cache_bucket):
+            self.s3.create_bucket(Bucket=b)
+        self.dlq = self.sqs.create_queue(QueueName=f"{prefix}-input-dlq")["QueueUrl"]
+        redrive = json.dumps({"deadLetterTargetArn": self.arn(self.dlq), "maxReceiveCount": 5})
+        self.input_name = f"{prefix}-input"
+        self.input = self.sqs.create_queue(QueueName=self.input_name, Attributes={
+            "RedrivePolicy": redrive, "VisibilityTimeout": "60"})["QueueUrl"]
+        self.topic = self.sns.create_topic(Name=f"{prefix}-output")["TopicArn"]
+        self.sink = self.sqs.create_queue(QueueName=f"{prefix}-sink")["QueueUrl"]
+        self.sns.subscribe(TopicArn=self.topic, Protocol="sqs", Endpoint=self.arn(self.sink),
+                           Attributes={"RawMessageDelivery": "true"})
+        self.etags: dict[str, str] = {}
+
+    def arn(self, url: str) -> str:
+        return self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+
+    @property
+    def queue_url(self) -> str:
+        """The queue's AWS URL, as a ClipProcessor names it (moto resolves it by name)."""
+        return f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{self.input_name}"
+
+    def upload(self, path: Path, key: str) -> str:
+        etag = self.s3.put_object(Bucket=self.docs_bucket, Key=key, Body=path.read_bytes())["ETag"].strip('"')
+        self.etags[key] = etag
+        return etag
+
+    def send_events(self, photos: list[Path], n: int, prefix: str) -> dict[str, dict]:
+        """n Lakechain document-created events over the photos (each a distinct document key);
+        returns event id -> event."""
+        sent, batch = {}, []
+        for i in range(n):
+            photo = photos[i % len(photos)]
+            key = f"{prefix}/{i:04d}-{photo.name}"
+            etag = self.upload(photo, key)
+            doc = {"url": f"s3://{self.docs_bucket}/{key}", "type": MIME[photo.suffix], "size": photo.stat().st_size,
+                   "etag": etag}
+            event = {"specversion": "1.0", "id": str(uuid.uuid4()), "type": "document-created",
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+                     "data": {"chainId": str(uuid.uuid4()), "source": doc, "document": doc, "metadata": {},
+                              "callStack": ["s3-event-trigger"]}}
+            sent[event["id"]] = event
+            batch.append({"Id": str(i), "MessageBody": json.dumps(event)})
+            if len(batch) == 10:
+                self.sqs.send_message_batch(QueueUrl=self.input, Entries=batch)
+                batch = []
+        if batch:
+            self.sqs.send_message_batch(QueueUrl=self.input, Entries=batch)
+        return sent
+
+    def drain_sink(self) -> list[tuple[dict, float]]:
+        """Enriched events waiting on the sink, with the time SNS delivered each (epoch s)."""
+        out = []
+        while True:
+            msgs = self.sqs.receive_message(QueueUrl=self.sink, MaxNumberOfMessages=10, WaitTimeSeconds=0,
+                                            AttributeNames=["SentTimestamp"]).get("Messages", [])
+            if not msgs:
+                return out
+            for m in msgs:
+                out.append((json.loads(m["Body"]), int(m["Attributes"]["SentTimestamp"]) / 1000))
+            self.sqs.delete_message_batch(QueueUrl=self.sink, Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs)])
+
+    def depth(self, url: str) -> tuple[int, int]:
+        a = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+        return int(a["ApproximateNumberOfMessages"]), int(a["ApproximateNumberOfMessagesNotVisible"])
+
+    def dead_letters(self) -> list[dict]:
+        out = []
+        while True:
+            msgs = self.sqs.receive_message(QueueUrl=self.dlq, MaxNumberOfMessages=10, WaitTimeSeconds=0,
+                                            MessageAttributeNames=["All"]).get("Messages", [])
+            if not msgs:
+                return out
+            out.extend(msgs)
+            self.sqs.delete_message_batch(QueueUrl=self.dlq, Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs)])
+
+
+class WeightsServer:
+    """A model directory over HTTP on the cluster's bridge address (what CLIP_WEIGHTS_SOURCE
+    points a cache-warm Job at instead of Hugging Face); counts the downloads."""
+
+    def __init__(self, directory: Path, host: str):
+        self.downloads: list[str] = []
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.downloads.append(self.path)
+                super().do_GET()
+
+        self.server = http.server.ThreadingHTTPServer((host, 0), partial(Handler, directory=str(directory)))
+        self.url = f"http://{host}:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def photos() -> list[Path]:
+    return sorted(p for p in (FIXTURES / "images").iterdir() if p.suffix in MIME and not p.name.startswith("large"))
+
+
+def processor(name: str, namespace: str, mw: Middleware, weights_url: str, claim: str, **scaling) -> dict:
+    """A GPU ClipProcessor on existing nodes (the local node advertises nvidia.com/gpu), builtin
+    scaler, shared cache on `claim`, weights from `weights_url`, AWS = the cluster's moto."""
+    return {
+        "apiVersion": "lakechain.dev/v1alpha1", "kind": "ClipProcessor",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "source": {"queueUrl": mw.queue_url},
+            "output": {"topicArn": mw.topic},
+            "cacheStorage": {"bucket": mw.cache_bucket},
+            "region": REGION,
+            "modelCache": {"claimName": claim},
+            "compute": {"nodePool": {"provisioner": "none"}},
+            "scaling": {"engine": "builtin", "minInstances": 0, "maxInstances": 2, "messagesPerInstance": 10,
+                        "pollingIntervalSeconds": 3, "cooldownSeconds": 20, **scaling},
+            "worker": {
+                # Two workers and the control plane share this machine's 2 cores.
+                "resources": {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "3Gi"}},
+                "batchSize": 8,
+                "env": [{"name": "CLIP_WEIGHTS_SOURCE", "value": weights_url},
+                        {"name": "AWS_ACCESS_KEY_ID", "value": "testing"},
+                        {"name": "AWS_SECRET_ACCESS_KEY", "value": "testing"},
+                        {"name": "TORCH_THREADS", "value": "1"},
+                        {"name": "MAX_IN_FLIGHT", "value": str(MAX_IN_FLIGHT)},
+                        {"name": "PROGRESS_INTERVAL_SECONDS", "value": "5"}],
+            },
+        },
+    }
+
+
+def cache_volume(kube: Kube, env: dict[str, str], namespace: str, claim: str) -> str:
+    """A ReadWriteMany PV + PVC for the model cache: the cluster's NFSv4.1 export, else hostPath.
+    Returns which."""
+    kind = env["CLIP_CLUSTER_CACHE"]
+    path = env["CLIP_CLUSTER_CACHE_PATH"]
+    source = ({"nfs": {"server": env["CLIP_CLUSTER_HOST"], "path": path}} if kind == "nfs"
+              else {"hostPath": {"path": path, "type": "Directory"}})
+    if kind == "nfs":
+        source["mountOptions"] = ["nfsvers=4.1"]
+    pv = f"{namespace}-{claim}"
+    kube.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteMany"],
+                         "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                         "claimRef": {"namespace": namespace, "name": claim}, **source}})
+    kube.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": namespace},
+                "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
+                         "resources": {"requests": {"storage": "10Gi"}}}})
+    return kind
