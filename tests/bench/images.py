@@ -36,16 +36,14 @@ def layers(d: str, image: str) -> list[dict]:
     """Per layer, bottom first: digest, uncompressed and gzip sizes, the instruction."""
     digests = json.loads(subprocess.run([d, "image", "inspect", image], capture_output=True, text=True,
                                         check=True).stdout)[0]["RootFS"]["Layers"]
-    hist = subprocess.run([d, "history", "--no-trunc", "--format", "{{json .}}", image], capture_output=True,
-                          text=True, check=True).stdout.splitlines()
-    # Steps that made a layer (the others only set metadata), bottom first.
-    made = [h["CreatedBy"] for h in map(json.loads, reversed(hist)) if h["Size"] not in ("0B", "0")]
-    made = ["(base image)"] * (len(digests) - len(made)) + made
     with tempfile.TemporaryDirectory(dir=ROOT / "target") as tmp:
         archive = Path(tmp) / "image.tar"
         subprocess.run([d, "save", "-o", str(archive), image], check=True)
         with tarfile.open(archive) as t:
             manifest = json.load(t.extractfile("manifest.json"))[0]
+            # The steps that made a layer (empty_layer ones only set metadata), bottom first.
+            history = json.load(t.extractfile(manifest["Config"]))["history"]
+            made = [h.get("created_by") or "(base image)" for h in history if not h.get("empty_layer")]
             rows = []
             for digest, name, by in zip(digests, manifest["Layers"], made):
                 m = t.getmember(name)
