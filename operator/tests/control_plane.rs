@@ -276,7 +276,20 @@ fn operator_on_a_real_control_plane() {
         "{table}"
     );
 
-    // --- The builtin scaler: messages raise replicas through the scale subresource...
+    // --- The builtin scaler starts workers only once the cache-warm Job has filled the cache
+    // (no job controller runs here: its status is written as it would be).
+    cp.ok(&[
+        "patch",
+        "job",
+        "photos-cache-warm-vit-b-32",
+        "-n",
+        NS,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"startTime":"2026-01-01T00:00:00Z","succeeded":1}}"#,
+    ]);
+    // ... then messages raise replicas through the scale subresource...
     rt.block_on(async {
         for chunk in 0..3 {
             let entries = (0..10)
