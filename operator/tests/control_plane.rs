@@ -87,6 +87,21 @@ fn upstream_crds(cp: &ControlPlane) {
     cp.ok(&["apply", "-f", upstream.trim()]);
 }
 
+/// Writes a Job's status as the job controller would on success (none runs here).
+fn job_succeeded(cp: &ControlPlane, job: &str) {
+    cp.ok(&[
+        "patch",
+        "job",
+        job,
+        "-n",
+        NS,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"startTime":"2026-01-01T00:00:00Z","succeeded":1}}"#,
+    ]);
+}
+
 /// `kubectl delete` the processor; its finalizer must run and remove the NodePool.
 fn delete_processor(cp: &ControlPlane, node_pool: &str) {
     cp.ok(&[
@@ -278,17 +293,7 @@ fn operator_on_a_real_control_plane() {
 
     // --- The builtin scaler starts workers only once the cache-warm Job has filled the cache
     // (no job controller runs here: its status is written as it would be).
-    cp.ok(&[
-        "patch",
-        "job",
-        "photos-cache-warm-vit-b-32",
-        "-n",
-        NS,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        r#"{"status":{"startTime":"2026-01-01T00:00:00Z","succeeded":1}}"#,
-    ]);
+    job_succeeded(&cp, "photos-cache-warm-vit-b-32");
     // ... then messages raise replicas through the scale subresource...
     rt.block_on(async {
         for chunk in 0..3 {
@@ -690,17 +695,7 @@ fn helm_chart_on_a_real_control_plane() {
     // ... and once the cache-warm Job succeeds and Karpenter reports the NodePool ready (their
     // controllers do not run here: their status is written as they would), a processor at zero
     // workers is Healthy.
-    cp.ok(&[
-        "patch",
-        "job",
-        "photos-cache-warm-vit-b-32",
-        "-n",
-        NS,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        r#"{"status":{"startTime":"2026-01-01T00:00:00Z","succeeded":1}}"#,
-    ]);
+    job_succeeded(&cp, "photos-cache-warm-vit-b-32");
     cp.ok(&[
         "patch",
         "nodepools.karpenter.sh",
