@@ -308,8 +308,6 @@ controllers_up() {
     --bind-address 127.0.0.1 --secure-port 10259 --leader-elect=false
 }
 
-cgroup_driver() { echo cgroupfs; }
-
 kubelet_up() {
   mkdir -p "$STATE/kubelet"
   cat > "$STATE/kubelet-config.yaml" <<EOF
@@ -317,7 +315,7 @@ apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 # This VM has cgroup v1 only, which kubelet 1.35 refuses unless told otherwise.
 failCgroupV1: false
-cgroupDriver: $(cgroup_driver)
+cgroupDriver: cgroupfs
 containerRuntimeEndpoint: unix://$CTR_SOCK
 address: $GW
 port: 10250
