@@ -324,7 +324,10 @@ async fn apply_children(
             apply::apply_owned::<TriggerAuthentication>(client, ns, ta, owner)
         );
     }
-    if let Some(so) = c.scaled_object.clone() {
+    if let Some(mut so) = c.scaled_object.clone() {
+        // KEDA holds the workers at zero until the Job just applied reports the cache full.
+        let warmed = !p.cache.shared() || job.as_ref().is_some_and(status::job_complete);
+        build::keda::hold_until_warm(&mut so, warmed);
         try_apply!(
             "ScaledObject (is KEDA installed?)",
             apply::apply_owned::<ScaledObject>(client, ns, so, owner)

@@ -92,16 +92,18 @@ pub fn cache_warmed(p: &ValidatedProcessor, o: &Observed) -> bool {
     if !p.cache.shared() {
         return true;
     }
-    o.cache_job
-        .as_ref()
-        .and_then(|j| j.status.as_ref())
-        .is_some_and(|s| {
-            s.succeeded.unwrap_or(0) > 0
-                || s.conditions
-                    .iter()
-                    .flatten()
-                    .any(|c| c.type_ == "Complete" && c.status == "True")
-        })
+    o.cache_job.as_ref().is_some_and(job_complete)
+}
+
+/// The Job succeeded (a pod completed, or the job controller marked it Complete).
+pub fn job_complete(job: &Job) -> bool {
+    job.status.as_ref().is_some_and(|s| {
+        s.succeeded.unwrap_or(0) > 0
+            || s.conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Complete" && c.status == "True")
+    })
 }
 
 fn cache_ready(p: &ValidatedProcessor, o: &Observed) -> Cond {

@@ -486,3 +486,33 @@ async fn the_builtin_scaler_follows_a_real_queue() {
         "ScaledToZero"
     );
 }
+
+#[tokio::test]
+async fn keda_holds_the_workers_at_zero_until_the_cache_warm_job_succeeded() {
+    const SO: &str = "/apis/keda.sh/v1alpha1/namespaces/media/scaledobjects/photos";
+    let (fake, ctx) = setup(json!({"modelCache": {"claimName": "weights", "none": null}}));
+    converge(&fake, &ctx).await;
+    let last_apply = |fake: &FakeApi| {
+        fake.seen()
+            .iter()
+            .rev()
+            .find(|s| s.method == Method::PATCH && s.path == SO)
+            .and_then(|s| s.body.clone())
+            .expect("the ScaledObject was applied")
+    };
+    assert_eq!(
+        last_apply(&fake)["metadata"]["annotations"]["autoscaling.keda.sh/paused-replicas"],
+        "0",
+        "KEDA must not start workers before the shared cache holds the weights"
+    );
+    let mut job = fake.get(JOB).expect("the cache-warm Job");
+    job["status"] = json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]});
+    fake.insert(JOB, job);
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(
+        last_apply(&fake)["metadata"]
+            .get("annotations")
+            .is_none_or(|a| a.get("autoscaling.keda.sh/paused-replicas").is_none()),
+        "the apply after the Job succeeded gives KEDA the scale"
+    );
+}

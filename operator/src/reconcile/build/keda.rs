@@ -1,5 +1,9 @@
 //! `engine: keda`: a `ScaledObject` with KEDA's aws-sqs-queue trigger, with exactly the settings
 //! the builtin scaler uses, and its `TriggerAuthentication` (AWS pod identity).
+//!
+//! Until the cache-warm Job has filled the shared model cache the ScaledObject carries KEDA's
+//! `autoscaling.keda.sh/paused-replicas: "0"`, so KEDA holds the workers at zero exactly as the
+//! builtin scaler does; the next apply after the Job succeeds drops the annotation.
 
 use std::collections::BTreeMap;
 
@@ -57,7 +61,17 @@ pub fn scaled_object(p: &ValidatedProcessor) -> ScaledObject {
         ("activationQueueLength".to_string(), "0".to_string()),
         // Busy workers keep the scaler active: never scaled away in the middle of a batch.
         ("scaleOnInFlight".to_string(), "true".to_string()),
-    ]);
+    ])
+    .into_iter()
+    // The endpoint the workers reach SQS at (an emulator, a private endpoint) is the one KEDA
+    // reads the queue at.
+    .chain(
+        p.settings
+            .aws_endpoint_url
+            .clone()
+            .map(|e| ("awsEndpoint".to_string(), e)),
+    )
+    .collect();
     ScaledObject {
         metadata: meta(p, names::scaled_object(p), "scaler"),
         spec: ScaledObjectSpec {
@@ -101,6 +115,20 @@ pub fn scaled_object(p: &ValidatedProcessor) -> ScaledObject {
     }
 }
 
+/// KEDA's annotation that pins the target at a replica count and stops autoscaling.
+pub const PAUSED_REPLICAS: &str = "autoscaling.keda.sh/paused-replicas";
+
+/// Holds the workers at zero (KEDA's paused-replicas) while the model cache is not warm yet.
+pub fn hold_until_warm(so: &mut ScaledObject, warmed: bool) {
+    if warmed {
+        return;
+    }
+    so.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(PAUSED_REPLICAS.to_string(), "0".to_string());
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::processor;
@@ -140,6 +168,35 @@ mod tests {
             .scale_down
             .unwrap();
         assert_eq!(down.stabilization_window_seconds, Some(120));
+        assert!(
+            !t.metadata.contains_key("awsEndpoint"),
+            "the SDK's own endpoint"
+        );
+    }
+
+    #[test]
+    fn keda_reads_the_queue_at_the_workers_endpoint() {
+        let mut p = processor(json!({"scaling": {"engine": "keda"}}));
+        p.settings.aws_endpoint_url = Some("http://10.88.0.1:5000".into());
+        let so = scaled_object(&p);
+        assert_eq!(
+            so.spec.triggers[0].metadata["awsEndpoint"],
+            "http://10.88.0.1:5000"
+        );
+    }
+
+    #[test]
+    fn the_workers_stay_at_zero_until_the_cache_is_warm() {
+        let p = processor(json!({"scaling": {"engine": "keda"}}));
+        let mut so = scaled_object(&p);
+        hold_until_warm(&mut so, false);
+        assert_eq!(
+            so.metadata.annotations.as_ref().unwrap()[PAUSED_REPLICAS],
+            "0"
+        );
+        let mut so = scaled_object(&p);
+        hold_until_warm(&mut so, true);
+        assert!(so.metadata.annotations.is_none());
     }
 
     #[test]

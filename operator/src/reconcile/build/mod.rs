@@ -3,7 +3,7 @@
 
 mod cache;
 mod deployment;
-mod keda;
+pub mod keda;
 mod nodepool;
 
 use std::collections::BTreeMap;
