@@ -53,6 +53,18 @@ fn condition<'a>(cp: &'a Value, t: &str) -> Option<&'a Value> {
         .find(|c| c["type"] == t)
 }
 
+/// The claim a pod template mounts (the model cache).
+fn claim_of(template: &Value) -> String {
+    template["spec"]["volumes"]
+        .as_array()
+        .and_then(|vs| {
+            vs.iter()
+                .find_map(|v| v["persistentVolumeClaim"]["claimName"].as_str())
+        })
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn replicas(cp: &ControlPlane) -> i64 {
     cp.get(&["deployment", "photos-worker", "-n", NS])
         .map_or(-1, |d| d["spec"]["replicas"].as_i64().unwrap_or(-1))
@@ -256,9 +268,9 @@ fn operator_on_a_real_control_plane() {
         job["spec"]["template"]["spec"]["containers"][0]["args"][0],
         "fetch-weights"
     );
-    let pvc = cp
-        .get(&["pvc", "photos-model-cache", "-n", NS])
-        .expect("PVC");
+    let pvc_name = claim_of(&d["spec"]["template"]);
+    assert!(pvc_name.starts_with("photos-model-cache-"), "{pvc_name}");
+    let pvc = cp.get(&["pvc", &pvc_name, "-n", NS]).expect("PVC");
     for child in [&sa, &d, &job, &pvc] {
         let owner = &child["metadata"]["ownerReferences"][0];
         assert_eq!(
@@ -510,6 +522,63 @@ fn operator_on_a_real_control_plane() {
         op_c.logs()
     );
 
+    // --- A new EFS access point. A volume's source and a claim's volumeName are immutable, so
+    // re-applying the same names would be refused forever: a new volume and claim instead, the
+    // workers and the cache-warm Job follow, the old pair is deleted.
+    let moved = manifest("  model: ViT-B/16\n")
+        .replace("fsap-0123456789abcdef0", "fsap-0fedcba987654321")
+        + &scaling("builtin", 4);
+    assert!(cp.apply(&moved).status.success());
+    let d = cp.wait(
+        "the workers mount a new claim",
+        T,
+        &["deployment", "photos-worker", "-n", NS],
+        |d| claim_of(&d["spec"]["template"]) != pvc_name,
+    );
+    let new_claim = claim_of(&d["spec"]["template"]);
+    let new_pvc = cp
+        .get(&["pvc", &new_claim, "-n", NS])
+        .expect("the new claim");
+    let new_pv_name = new_pvc["spec"]["volumeName"].as_str().unwrap().to_string();
+    assert_ne!(new_pv_name, pv_name);
+    let new_pv = cp.get(&["pv", &new_pv_name]).expect("the new volume");
+    assert_eq!(
+        new_pv["spec"]["csi"]["volumeHandle"],
+        "fs-0123456789abcdef0::fsap-0fedcba987654321"
+    );
+    assert_eq!(new_pv["spec"]["claimRef"]["name"], new_claim.as_str());
+    cp.wait(
+        "the cache-warm Job recreated on the new claim",
+        T,
+        &["job", "photos-cache-warm-vit-b-16", "-n", NS],
+        |j| claim_of(&j["spec"]["template"]) == new_claim,
+    );
+    // The API server's storage-object-in-use protection finalizers hold both until
+    // kube-controller-manager (not running here) sees them unused; the operator asks.
+    cp.wait(
+        "the old claim deleted",
+        T,
+        &["pvc", &pvc_name, "-n", NS],
+        |v| v["metadata"]["deletionTimestamp"].is_string(),
+    );
+    cp.wait("the old volume deleted", T, &["pv", &pv_name], |v| {
+        v["metadata"]["deletionTimestamp"].is_string()
+    });
+    let cr = cp.wait(
+        "the processor converged on the new volume",
+        T,
+        &["clipprocessor", "photos", "-n", NS],
+        |v| condition(v, "Degraded").is_some_and(|c| c["status"] == "False"),
+    );
+    assert!(
+        !condition(&cr, "Degraded").unwrap()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("PersistentVolume"),
+        "{cr}"
+    );
+    let pv_name = new_pv_name;
+
     // --- Delete: the finalizer removes the cluster-scoped NodePool and PersistentVolume.
     delete_processor(&cp, &np_name);
     // The API server puts kubernetes.io/pv-protection on every PV; kube-controller-manager (not
@@ -714,7 +783,14 @@ fn helm_chart_on_a_real_control_plane() {
     assert_eq!(argo_health(&cr).0, "Healthy", "{:?}", argo_health(&cr));
     for child in [
         &["serviceaccount", "photos-worker", "-n", NS][..],
-        &["pvc", "photos-model-cache", "-n", NS],
+        &[
+            "pvc",
+            &claim_of(
+                &cp.get(&["deployment", "photos-worker", "-n", NS]).unwrap()["spec"]["template"],
+            ),
+            "-n",
+            NS,
+        ],
         &["job", "photos-cache-warm-vit-b-32", "-n", NS],
     ] {
         assert!(cp.get(child).is_some(), "no {child:?}");

@@ -191,14 +191,36 @@ mod tests {
             Some("Retain")
         );
         assert_eq!(spec.storage_class_name.as_deref(), Some(""));
-        assert_eq!(
-            spec.claim_ref.unwrap().name.as_deref(),
-            Some("photos-model-cache")
-        );
+        assert_eq!(spec.claim_ref.unwrap().name, Some(names::cache_claim(&p)));
         let pvc = persistent_volume_claim(&p).spec.unwrap();
         assert_eq!(pvc.volume_name, Some(names::persistent_volume(&p)));
         assert_eq!(pvc.storage_class_name.as_deref(), Some(""));
         assert_eq!(volume_handle("fs-1", None), "fs-1");
+    }
+
+    #[test]
+    fn a_new_file_system_or_access_point_gets_a_new_volume_and_claim() {
+        let efs = |fs: &str, ap: Option<&str>| {
+            processor(json!({"modelCache": {"efs": {"fileSystemId": fs, "accessPointId": ap}}}))
+        };
+        let a = efs("fs-0123456789abcdef0", Some("fsap-0123456789abcdef0"));
+        let names = |p: &ValidatedProcessor| (names::persistent_volume(p), names::cache_claim(p));
+        // Stable for the same handle (no churn on upgrade-free reconciles)...
+        assert_eq!(
+            names(&a),
+            names(&efs("fs-0123456789abcdef0", Some("fsap-0123456789abcdef0")))
+        );
+        // ... different for a new access point, a new file system, or none.
+        for other in [
+            efs("fs-0123456789abcdef0", Some("fsap-0fedcba987654321")),
+            efs("fs-0fedcba9876543210", Some("fsap-0123456789abcdef0")),
+            efs("fs-0123456789abcdef0", None),
+        ] {
+            let (pv, pvc) = names(&other);
+            assert_ne!(pv, names(&a).0);
+            assert_ne!(pvc, names(&a).1);
+            assert!(pvc.starts_with("photos-model-cache-"), "{pvc}");
+        }
     }
 
     #[test]

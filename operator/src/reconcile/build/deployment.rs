@@ -407,9 +407,12 @@ mod tests {
         let v = &pod(json!({"modelCache": {"efs": {"fileSystemId": "fs-0123456789abcdef0"}}}))
             .volumes
             .unwrap()[0];
-        assert_eq!(
-            v.persistent_volume_claim.as_ref().unwrap().claim_name,
-            "photos-model-cache"
+        assert!(
+            v.persistent_volume_claim
+                .as_ref()
+                .unwrap()
+                .claim_name
+                .starts_with("photos-model-cache-")
         );
         let v = &pod(json!({"modelCache": {"claimName": "weights"}}))
             .volumes

@@ -70,8 +70,23 @@ pub mod names {
     pub fn worker(p: &ValidatedProcessor) -> String {
         format!("{}-worker", p.name)
     }
+    /// The operator's claim on the EFS cache. It and the volume carry 8 hex digits of the EFS
+    /// volume handle: a volume's source and a claim's `volumeName` are immutable, so a new file
+    /// system or access point gets a new volume and claim (the old ones are swept once unused)
+    /// rather than an apply the API server refuses forever.
     pub fn cache_claim(p: &ValidatedProcessor) -> String {
-        format!("{}-model-cache", p.name)
+        format!("{}-model-cache-{}", p.name, handle_hash(p))
+    }
+    fn handle_hash(p: &ValidatedProcessor) -> String {
+        match &p.cache {
+            super::CacheMode::Efs {
+                file_system_id,
+                access_point_id,
+            } => fnv8(
+                super::cache::volume_handle(file_system_id, access_point_id.as_deref()).as_bytes(),
+            ),
+            _ => fnv8(b""),
+        }
     }
     /// The claim the workers mount: ours (EFS) or the user's.
     pub fn mounted_claim(p: &ValidatedProcessor) -> Option<String> {
@@ -87,9 +102,10 @@ pub mod names {
     }
     pub fn persistent_volume(p: &ValidatedProcessor) -> String {
         format!(
-            "clip-{}-{}-model-cache",
+            "clip-{}-{}-model-cache-{}",
             p.name,
-            short_hash(&p.namespace, &p.name)
+            short_hash(&p.namespace, &p.name),
+            handle_hash(p)
         )
     }
     /// One Job per model, so a model change warms the new model's cache.
@@ -109,8 +125,12 @@ pub mod names {
 
     /// 8 hex digits of FNV-1a over `namespace/name`: stable across versions and platforms.
     pub fn short_hash(namespace: &str, name: &str) -> String {
+        fnv8(format!("{namespace}/{name}").as_bytes())
+    }
+
+    fn fnv8(bytes: &[u8]) -> String {
         let mut h: u32 = 0x811c_9dc5;
-        for b in namespace.bytes().chain([b'/']).chain(name.bytes()) {
+        for &b in bytes {
             h ^= u32::from(b);
             h = h.wrapping_mul(0x0100_0193);
         }
