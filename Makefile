@@ -18,7 +18,7 @@ export CLIP_FIXTURES := $(FIXTURES)
 CARGO ?= cargo
 CARGO_FLAGS := --release --locked
 
-.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo demo-worker bench bench-images crd dashboard clean images cluster-up cluster-down node-components e2e
+.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo demo-worker bench bench-images crd dashboard clean images cluster-up cluster-down node-components keda e2e
 
 help:
 	@echo "make test    build everything and run every test (what CI runs; root + docker)"
@@ -86,6 +86,11 @@ images: build
 node-components:
 	@bash scripts/control-plane.sh node > /dev/null
 
+# KEDA's operator and metrics API server built from its Go module, and their image (for the
+# `engine: keda` end to end; first run: ~10 minutes).
+keda:
+	@bash scripts/keda.sh image > /dev/null
+
 # The single-node cluster (needs root): etcd, the control plane, kubelet on containerd, kube-proxy,
 # moto; idempotent. cluster-down stops it all and removes its state.
 cluster-up: venv kube-tools node-components
@@ -94,12 +99,14 @@ cluster-up: venv kube-tools node-components
 cluster-down:
 	@bash tests/cluster/cluster.sh down
 
-# The chart and the images on a fresh local cluster, end to end; writes target/e2e/report.json.
+# The chart and the images on a fresh local cluster, end to end, with the builtin scaler and with
+# KEDA; writes target/e2e/report.json.
 # The cluster stays up afterwards (make cluster-down); E2E_KEEP=1 also keeps what the test made.
-e2e: build fixtures images venv kube-tools node-components
-	@bash tests/cluster/cluster.sh down
-	@bash tests/cluster/cluster.sh up
-	$(PY) -m pytest -q -s -p no:cacheprovider tests/e2e
+# E2E_CLUSTER=kind or k3d runs the same tests on that tool's cluster instead (tests/e2e/targets.py).
+E2E_CLUSTER ?= local
+e2e: build fixtures images keda venv kube-tools $(if $(filter local,$(E2E_CLUSTER)),node-components)
+	@if [ "$(E2E_CLUSTER)" = local ]; then bash tests/cluster/cluster.sh down && bash tests/cluster/cluster.sh up; fi
+	E2E_CLUSTER=$(E2E_CLUSTER) $(PY) -m pytest -q -s -p no:cacheprovider tests/e2e
 
 # Every object `clip-operator render` emits for examples/, against the Kubernetes schemas and the
 # upstream Karpenter/KEDA CRDs.

@@ -16,6 +16,9 @@
 #   Client certificates for every component from one CA, the Node and RBAC authorizers,
 #   NodeRestriction and the default admission plugins (ServiceAccount included), service-account
 #   tokens issued by the controller-manager's token controller and projected by the kubelet.
+#   The aggregation layer as kubeadm configures it (front-proxy CA, --requestheader-*, the API
+#   server's proxy client certificate; aggregator routing to endpoints), for extension API
+#   servers such as KEDA's metrics server.
 #   kube-proxy (iptables mode) makes the `kubernetes` Service reach the API server from pods.
 #   moto's server (S3, SQS, SNS) from the project's venv: the cluster's AWS.
 #
@@ -98,8 +101,10 @@ packages() {
   }
 }
 
-# --- PKI: one CA; a serving certificate for the API server; a client certificate per component.
-cert() { # NAME CN O [SAN]
+# --- PKI: one CA; a serving certificate for the API server; a client certificate per component;
+# and, as kubeadm does, a second CA for the aggregation layer's front proxy (the API server's
+# client certificate towards extension API servers such as KEDA's metrics server).
+cert() { # NAME CN O [SAN]   (signed by $CERT_CA, default ca)
   local name=$1 cn=$2 o=$3 san=${4:-}
   [ -f "$PKI/$name.crt" ] && return 0
   openssl genrsa -out "$PKI/$name.key" 2048 2>/dev/null
@@ -115,7 +120,8 @@ cert() { # NAME CN O [SAN]
   else
     echo "extendedKeyUsage=clientAuth" >> "$ext"
   fi
-  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+  local ca=${CERT_CA:-ca}
+  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/$ca.crt" -CAkey "$PKI/$ca.key" -CAcreateserial \
     -days 3650 -sha256 -extfile "$ext" -out "$PKI/$name.crt" 2>/dev/null
   rm -f "$PKI/$name.csr" "$ext"
 }
@@ -149,6 +155,11 @@ pki() {
       -days 3650 -subj "/CN=clip-local-ca" 2>/dev/null
   fi
   [ -f "$PKI/sa.key" ] || openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
+  if [ ! -f "$PKI/front-proxy-ca.crt" ]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout "$PKI/front-proxy-ca.key" \
+      -out "$PKI/front-proxy-ca.crt" -days 3650 -subj "/CN=clip-local-front-proxy-ca" 2>/dev/null
+  fi
+  CERT_CA=front-proxy-ca cert front-proxy-client front-proxy-client ""
   cert apiserver kube-apiserver "" \
     "IP:$GW,IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   cert apiserver-kubelet-client kube-apiserver-kubelet-client system:masters
@@ -287,6 +298,13 @@ apiserver_up() {
     --service-account-key-file "$PKI/sa.key" --service-account-signing-key-file "$PKI/sa.key" \
     --service-cluster-ip-range "$SERVICE_CIDR" \
     --allow-privileged=true \
+    --requestheader-client-ca-file "$PKI/front-proxy-ca.crt" \
+    --requestheader-allowed-names front-proxy-client \
+    --requestheader-username-headers X-Remote-User --requestheader-group-headers X-Remote-Group \
+    --requestheader-extra-headers-prefix X-Remote-Extra- \
+    --proxy-client-cert-file "$PKI/front-proxy-client.crt" \
+    --proxy-client-key-file "$PKI/front-proxy-client.key" \
+    --enable-aggregator-routing=true \
     --audit-log-path "$LOGS/audit.log" --audit-policy-file "$STATE/audit-policy.yaml" \
     --audit-log-maxsize 200
 }

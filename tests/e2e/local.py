@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import boto3
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(os.environ.get("CLIP_FIXTURES", ROOT / "target/fixtures"))
@@ -197,6 +198,16 @@ class Middleware:
             self.sqs.delete_message_batch(QueueUrl=self.sink, Entries=[
                 {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs)])
 
+    def hold(self, n: int, seconds: int, timeout: float = 20) -> int:
+        """Takes up to n messages off the input queue without deleting them, so they stay in flight
+        for `seconds` (what a consumer that died holding them leaves) and then return. Returns
+        how many it holds."""
+        held, deadline = 0, time.time() + timeout
+        while held < n and time.time() < deadline:
+            held += len(self.sqs.receive_message(QueueUrl=self.input, MaxNumberOfMessages=min(10, n - held),
+                                                 VisibilityTimeout=seconds, WaitTimeSeconds=1).get("Messages", []))
+        return held
+
     def depth(self, url: str) -> tuple[int, int]:
         a = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
             "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
@@ -282,6 +293,11 @@ def cache_volume(kube: Kube, env: dict[str, str], namespace: str, claim: str) ->
     if kind == "nfs":
         source["mountOptions"] = ["nfsvers=4.1"]
     pv = f"{namespace}-{claim}"
+    # A run before this one left the volume Released (Retain): free it for the new claim of the
+    # same name, as an admin would.
+    got = kube.run("get", "pv", pv, "-o", "json", check=False)
+    if got.returncode == 0 and json.loads(got.stdout).get("status", {}).get("phase") == "Released":
+        kube.run("patch", "pv", pv, "--type", "json", "-p", '[{"op":"remove","path":"/spec/claimRef/uid"}]')
     kube.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
                 "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteMany"],
                          "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
@@ -290,3 +306,61 @@ def cache_volume(kube: Kube, env: dict[str, str], namespace: str, claim: str) ->
                 "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
                          "resources": {"requests": {"storage": "10Gi"}}}})
     return kind
+
+
+KEDA_NAMESPACE = "keda"
+
+
+def install_keda(kube: Kube, load=None) -> dict[str, str]:
+    """KEDA built from its Go module (scripts/keda.sh): the upstream manifests rendered from the
+    module's config/minimal (CRDs, RBAC, operator, metrics API server and its APIService; no
+    admission webhooks) with the local image, and three local adjustments: the operator gets the
+    cluster's moto credentials (KEDA's aws pod identity with no role falls back to its own
+    credential chain) and no webhook patching (there are no webhooks); as the cluster has no DNS,
+    the metrics server dials the operator's Service IP with KEDA's gRPC authority override.
+    `load` puts the image on the node (default: the local cluster's). Returns {"version",
+    "image"}."""
+    image = subprocess.run(["bash", str(ROOT / "scripts/keda.sh"), "image"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    keda_dir = subprocess.run(["bash", str(ROOT / "scripts/keda.sh")], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    (load or load_images)([image])
+    docs = [d for d in yaml.safe_load_all(kube.run("kustomize", f"{keda_dir}/config/minimal").stdout) if d]
+    creds = [{"name": "AWS_ACCESS_KEY_ID", "value": "testing"}, {"name": "AWS_SECRET_ACCESS_KEY", "value": "testing"},
+             {"name": "AWS_REGION", "value": REGION}]
+    adapter = None
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            c["image"], c["imagePullPolicy"] = image, "Never"
+            if d["metadata"]["name"] == "keda-operator":
+                c["env"] = [e for e in c.get("env", []) if e["name"] not in {x["name"] for x in creds}] + creds
+                # No admission webhooks in config/minimal: nothing to inject a CA bundle into
+                # (KEDA's Helm chart sets the same when its webhooks are off).
+                c["args"] = [a for a in c["args"] if not a.startswith("--enable-webhook-patching")] + [
+                    "--enable-webhook-patching=false"]
+        if d["metadata"]["name"] == "keda-metrics-apiserver":
+            adapter = d
+    assert adapter is not None, "config/minimal renders keda-metrics-apiserver"
+    rest = [d for d in docs if d is not adapter]
+    # CRDs first (their size needs server-side apply), then the rest.
+    crds = [d for d in rest if d["kind"] == "CustomResourceDefinition"]
+    kube.run("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=yaml.safe_dump_all(crds))
+    for d in crds:
+        kube.run("wait", "--for=condition=Established", "--timeout=60s", f"crd/{d['metadata']['name']}")
+    kube.run("apply", "--server-side", "--force-conflicts", "-f", "-",
+             stdin=yaml.safe_dump_all([d for d in rest if d["kind"] != "CustomResourceDefinition"]))
+    ip = kube.json("get", "service", "-n", KEDA_NAMESPACE, "keda-operator")["spec"]["clusterIP"]
+    c = adapter["spec"]["template"]["spec"]["containers"][0]
+    c["args"] = [a for a in c["args"] if not a.startswith("--metrics-service-")] + [
+        f"--metrics-service-address={ip}:9666",
+        f"--metrics-service-grpc-authority=keda-operator.{KEDA_NAMESPACE}.svc.cluster.local"]
+    kube.run("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=yaml.safe_dump(adapter))
+    for name in ("keda-operator", "keda-metrics-apiserver"):
+        kube.run("rollout", "status", "-n", KEDA_NAMESPACE, f"deployment/{name}", "--timeout=180s")
+    wait("the external metrics API (KEDA's APIService) to be Available", 120, lambda: any(
+        c["type"] == "Available" and c["status"] == "True"
+        for c in kube.json("get", "apiservice", "v1beta1.external.metrics.k8s.io").get("status", {})
+        .get("conditions", [])), every=2)
+    return {"version": os.path.basename(keda_dir), "image": image}

@@ -11,102 +11,27 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import threading
 import time
-from datetime import datetime
-from pathlib import Path
 
 import pytest
 
-from local import (FIXTURES, MAX_IN_FLIGHT, OPERATOR_IMAGE, ROOT, WORKER_IMAGE, Kube, Middleware, WeightsServer, cache_volume,
-                   cluster_env, install_chart, load_images, log, photos, processor, wait)
+from local import (MAX_IN_FLIGHT, OPERATOR_IMAGE, ROOT, WORKER_IMAGE, Kube, Middleware, WeightsServer, cache_volume,
+                   install_chart, log, photos, processor, wait)
+from observe import WEIGHTS, Sink, Watcher, check_enriched, ts
 
 NS, NAME, CLAIM = "e2e", "photos", "clip-model-cache"
-WORKER = ROOT / "target/release/clip-worker"
-WEIGHTS = FIXTURES / "models/vit-b-32"
 REPORT = ROOT / "target/e2e/report.json"
-WORKER_SELECTOR = f"lakechain.dev/processor={NAME},app.kubernetes.io/component=worker"
-
-
-def ts(s: str | None) -> float | None:
-    return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() if s else None
-
-
-class Watcher(threading.Thread):
-    """Polls the worker pods and the Deployment every second: every pod ever seen (name, node,
-    image, phase, start, ready and end times) and every change of the replica count."""
-
-    def __init__(self, kube: Kube):
-        super().__init__(daemon=True)
-        self.kube, self.pods, self.scale, self.stopped = kube, {}, [], threading.Event()
-        self.lock, self.last_error = threading.Lock(), ""
-
-    def run(self):
-        while not self.stopped.is_set():
-            try:
-                self.poll()
-            except Exception as e:  # a restarting control plane must not end the watch
-                if str(e) != self.last_error:
-                    log(f"watcher: {e}")
-                self.last_error = str(e)
-            self.stopped.wait(1)
-
-    def poll(self):
-        got = self.kube.run("get", "deployment", "-n", NS, f"{NAME}-worker", "-o", "json", check=False)
-        if got.returncode != 0:  # not created yet
-            return
-        d = json.loads(got.stdout)
-        pods = self.kube.json("get", "pods", "-n", NS, "-l", WORKER_SELECTOR)["items"]
-        now = time.time()
-        with self.lock:
-            want = d["spec"].get("replicas", 0)
-            ready = d.get("status", {}).get("readyReplicas", 0)
-            if not self.scale or self.scale[-1][1:] != (want, ready):
-                self.scale.append((now, want, ready))
-            seen = set()
-            for p in pods:
-                name = p["metadata"]["name"]
-                seen.add(name)
-                conds = {c["type"]: c for c in p["status"].get("conditions", [])}
-                cs = (p["status"].get("containerStatuses") or [{}])[0]
-                rec = self.pods.setdefault(name, {"name": name, "created": ts(p["metadata"]["creationTimestamp"])})
-                rec.update({
-                    "node": p["spec"].get("nodeName"), "image": p["spec"]["containers"][0]["image"],
-                    "phase": p["status"].get("phase"),
-                    "restarts": cs.get("restartCount", 0),
-                })
-                if conds.get("PodScheduled", {}).get("status") == "True":
-                    rec.setdefault("scheduled", ts(conds["PodScheduled"]["lastTransitionTime"]))
-                started = cs.get("state", {}).get("running", {}).get("startedAt")
-                if started:
-                    rec.setdefault("container_started", ts(started))
-                if conds.get("Ready", {}).get("status") == "True":
-                    rec.setdefault("ready", ts(conds["Ready"]["lastTransitionTime"]))
-                if p["metadata"].get("deletionTimestamp"):
-                    rec.setdefault("deleting", now)
-                term = cs.get("state", {}).get("terminated") or cs.get("lastState", {}).get("terminated")
-                if term:
-                    rec["exit_code"] = term.get("exitCode")
-                    rec["reason"] = term.get("reason")
-            for name, rec in self.pods.items():
-                if name not in seen:
-                    rec.setdefault("gone", now)
-
-    def replicas(self) -> int:
-        with self.lock:
-            return self.scale[-1][1] if self.scale else 0
 
 
 REPORT_DATA: dict = {"images": {"operator": OPERATOR_IMAGE, "worker": WORKER_IMAGE}, "phases": {}}
 
 
 @pytest.fixture(scope="module")
-def stack():
-    env = cluster_env()
+def stack(cluster):
+    env = cluster.env
     kube = Kube(env)
-    log("loading the images into the node's containerd")
-    load_images([OPERATOR_IMAGE, WORKER_IMAGE])
+    log(f"loading the images into the node ({cluster.name} cluster)")
+    cluster.load([OPERATOR_IMAGE, WORKER_IMAGE])
     kube.run("create", "namespace", NS, check=False)
     log("installing the chart (helm upgrade --install --wait)")
     install_chart(kube, env)
@@ -114,17 +39,14 @@ def stack():
     weights = WeightsServer(WEIGHTS, env["CLIP_CLUSTER_HOST"])
     REPORT_DATA["model_cache"] = cache_volume(kube, env, NS, CLAIM)
     kube.apply(processor(NAME, NS, mw, weights.url, CLAIM))
-    watcher = Watcher(kube)
+    watcher = Watcher(kube, NS, NAME)
     watcher.start()
-    state = {"env": env, "kube": kube, "mw": mw, "weights": weights, "watcher": watcher, "sent": {}, "out": {},
-             "duplicates": 0}
+    sink = Sink(mw)
+    state = {"cluster": cluster, "env": env, "kube": kube, "mw": mw, "weights": weights, "watcher": watcher, "sent": {}, "sink": sink}
     yield state
-    watcher.stopped.set()
-    watcher.join(5)
-    REPORT_DATA["pods"] = sorted(watcher.pods.values(), key=lambda p: p["created"] or 0)
-    REPORT_DATA["scale"] = [{"at": t, "desired": w, "ready": r} for t, w, r in watcher.scale]
-    REPORT_DATA["messages"] = {"sent": len(state["sent"]), "out": len(state["out"]),
-                               "duplicates": state["duplicates"],
+    watcher.stop()
+    REPORT_DATA.update(watcher.report())
+    REPORT_DATA["messages"] = {"sent": len(state["sent"]), "out": len(sink.out), "duplicates": sink.duplicates,
                                "dead_lettered": len(state.get("dead", []))}
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps(REPORT_DATA, indent=2) + "\n")
@@ -134,32 +56,6 @@ def stack():
         kube.helm("uninstall", "clip-operator", "-n", "clip-system", "--wait")
         kube.run("delete", "namespace", NS, "--wait=false", check=False)
     weights.close()
-
-
-def key_of(event: dict) -> str:
-    return event["data"]["document"]["url"].split("/", 3)[3]
-
-
-def collect(state, want: set[str], timeout: float) -> None:
-    """Reads enriched events off the sink until every id in `want` came out."""
-    mw = state["mw"]
-
-    def done():
-        for event, sent_at in mw.drain_sink():
-            eid = event["id"]
-            if eid in state["out"]:
-                state["duplicates"] += 1
-            else:
-                state["out"][eid] = (event, sent_at)
-        return want <= state["out"].keys()
-
-    wait(f"{len(want)} enriched events (have {len(want & state['out'].keys())})", timeout, done, every=1)
-
-
-def embed_reference(files: list[Path]) -> dict[str, list[float]]:
-    out = subprocess.run([str(WORKER), "embed", "--device", "cpu", "--weights", str(WEIGHTS), *map(str, files)],
-                         capture_output=True, text=True, check=True).stdout
-    return {(v := json.loads(l))["file"]: v["embedding"] for l in out.splitlines()}
 
 
 def worker_log_times(kube: Kube, pod: str) -> dict[str, float]:
@@ -187,9 +83,9 @@ def test_the_cache_warm_job_fills_the_cache_in_a_real_pod_before_any_worker(stac
     assert pod["status"]["phase"] == "Succeeded"
     assert pod["spec"]["containers"][0]["image"] == WORKER_IMAGE
     assert pod["spec"]["nodeName"] == env["CLIP_CLUSTER_NODE"]
-    marker = Path(env["CLIP_CLUSTER_CACHE_PATH"]) / "ViT-B-32/.complete.json"
-    assert marker.is_file(), "the cache-warm Job wrote the weights and their marker to the RWX volume"
-    assert json.loads(marker.read_text())
+    marker = stack["cluster"].read_cache_file("ViT-B-32/.complete.json")
+    assert marker, "the cache-warm Job wrote the weights and their marker to the RWX volume"
+    assert json.loads(marker)
     assert stack["weights"].downloads.count("/model.safetensors") == 1, stack["weights"].downloads
     wait("CacheReady", 60, lambda: any(
         c["type"] == "CacheReady" and c["status"] == "True"
@@ -212,7 +108,8 @@ def test_zero_to_n_every_event_enriched_and_its_vector_stored(stack):
     log("sent 60 events; waiting for the operator to scale from 0")
     wait("the Deployment to scale up from 0", 60, lambda: watcher.replicas() > 0)
     decided = ts(kube.json("get", "clipprocessor", "-n", NS, NAME)["status"].get("lastScaleTime"))
-    collect(stack, set(sent), 400)
+    sink = stack["sink"]
+    sink.collect(set(sent), 400)
     assert watcher.replicas() == 2, "60 messages / 10 per worker, capped at maxInstances 2"
     # A worker takes messages as soon as its model is loaded; the kubelet's probe may say Ready
     # a little later.
@@ -220,31 +117,13 @@ def test_zero_to_n_every_event_enriched_and_its_vector_stored(stack):
     for p in pods:
         assert p["image"] == WORKER_IMAGE and p["node"] == stack["env"]["CLIP_CLUSTER_NODE"]
 
-    # Every event out enriched, its vector in the cache bucket equal to `clip-worker embed`'s.
-    reference = embed_reference(pics)
-    by_name = {p.name: str(p) for p in pics}
-    for eid in sent:
-        out, _ = stack["out"][eid]
-        emb = out["data"]["metadata"]["properties"]["attrs"]["embeddings"]
-        assert emb["model"] == "ViT-B/32" and emb["dimensions"] == 512
-        assert out["data"]["document"] == sent[eid]["data"]["document"]
-        assert out["data"]["chainId"] == sent[eid]["data"]["chainId"]
-        assert out["data"]["callStack"] == ["clip-image-processor", "s3-event-trigger"]
-        key = emb["vectors"].removeprefix(f"s3://{mw.cache_bucket}/")
-        assert key == f"clip-image-processor/ViT-B-32/{sent[eid]['data']['document']['etag']}"
-        vector = json.loads(mw.s3.get_object(Bucket=mw.cache_bucket, Key=key)["Body"].read())
-        # keys are <burst>/<nnnn>-<photo name>
-        photo = by_name[key_of(sent[eid]).split("/", 1)[1].split("-", 1)[1]]
-        want = reference[photo]
-        assert len(vector) == 512 and all(abs(a - b) <= 1e-4 * (1 + abs(b)) for a, b in zip(vector, want)), \
-            f"{photo}: the pod's vector differs from clip-worker embed on the host"
-        assert out["data"]["metadata"].get("keywords"), "labels extracted"
+    check_enriched(mw, sink, sent, pics)
     assert mw.depth(mw.input) == (0, 0)
 
     # Cold start, stage by stage, for the first pod.
     first = min(pods, key=lambda p: p["created"])
     stages = worker_log_times(kube, first["name"])
-    first_out = min(t for e, t in stack["out"].values())
+    first_out = min(t for e, t in sink.out.values())
     REPORT_DATA["phases"]["scale_up"] = {"events": 60, "sent": sent_at, "scaler_decision": decided}
     REPORT_DATA["cold_start"] = {
         "pod": first["name"], "scaler_decision": decided, "pod_created": first["created"],
@@ -286,7 +165,8 @@ def test_faults_mid_burst_lose_nothing(stack):
     wait("the Deployment to scale up again", 120, lambda: watcher.replicas() > 0)
     wait("a worker to be Ready", 180, lambda: any(p.get("ready") and not p.get("gone") and not p.get("deleting")
                                                   for p in watcher.pods.values()))
-    wait("first outputs of the burst", 120, lambda: (collect_some(stack) & set(sent)))
+    sink = stack["sink"]
+    wait("first outputs of the burst", 120, lambda: sink.drain() & set(sent))
     # A worker pod killed with no grace mid-burst.
     victim = next(p["name"] for p in watcher.pods.values() if p.get("ready") and not p.get("gone"))
     kube.run("delete", "pod", "-n", NS, victim, "--grace-period=0", "--force")
@@ -294,27 +174,18 @@ def test_faults_mid_burst_lose_nothing(stack):
     log(f"killed worker {victim}")
     time.sleep(5)
     # The kubelet restarted under running workers.
-    subprocess.run(["bash", str(ROOT / "tests/cluster/cluster.sh"), "restart-kubelet"], check=True)
+    stack["cluster"].restart_kubelet()
     faults.append({"at": time.time(), "fault": "kubelet restarted"})
     log("restarted the kubelet")
-    collect(stack, set(sent), 600)
+    sink.collect(set(sent), 600)
     dead = mw.dead_letters()
     stack["dead"] = dead
     assert not dead, f"dead-lettered: {[m['Body'][:200] for m in dead]}"
-    assert set(sent) <= stack["out"].keys(), "every message came out"
+    assert set(sent) <= sink.out.keys(), "every message came out"
     # At-least-once: only what the killed worker held (published, not yet deleted) may come twice.
-    assert stack["duplicates"] <= MAX_IN_FLIGHT, f"{stack['duplicates']} duplicates"
+    assert sink.duplicates <= MAX_IN_FLIGHT, f"{sink.duplicates} duplicates"
     wait("the Deployment to scale to 0 again", 180, lambda: watcher.replicas() == 0)
-    REPORT_DATA["phases"]["faults"] = {"events": 200, "faults": faults, "duplicates": stack["duplicates"]}
-
-
-def collect_some(state) -> set[str]:
-    for event, sent_at in state["mw"].drain_sink():
-        if event["id"] in state["out"]:
-            state["duplicates"] += 1
-        else:
-            state["out"][event["id"]] = (event, sent_at)
-    return set(state["out"])
+    REPORT_DATA["phases"]["faults"] = {"events": 200, "faults": faults, "duplicates": sink.duplicates}
 
 
 def test_the_processor_reports_ready_and_scaled_to_zero(stack):
