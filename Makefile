@@ -18,7 +18,7 @@ export CLIP_FIXTURES := $(FIXTURES)
 CARGO ?= cargo
 CARGO_FLAGS := --release --locked
 
-.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo demo-worker bench bench-images crd dashboard clean images cluster-up cluster-down node-components keda e2e
+.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo demo-worker bench bench-images crd dashboard clean images cluster-up cluster-down node-components keda prebuild e2e
 
 help:
 	@echo "make test    build everything and run every test (what CI runs; root + docker)"
@@ -54,11 +54,15 @@ build-worker: setup
 fixtures: venv
 	$(PY) tests/fixtures/make_fixtures.py $(FIXTURES)
 
-test: lint test-rust validate-manifests test-python e2e
+test: prebuild lint test-rust validate-manifests test-python e2e
 	@bash tests/cluster/cluster.sh down
 
 test-rust: build fixtures control-plane kube-tools
 	$(CARGO) test $(CARGO_FLAGS) --workspace
+
+# The Go builds the e2e needs, started in the background so they overlap the cargo builds.
+prebuild:
+	@bash scripts/prebuild.sh
 
 # kube-apiserver + etcd built from Go modules, cached outside the repository (first run: minutes).
 control-plane:
@@ -87,7 +91,7 @@ node-components:
 	@bash scripts/control-plane.sh node > /dev/null
 
 # KEDA's operator and metrics API server built from its Go module, and their image (for the
-# `engine: keda` end to end; first run: ~10 minutes).
+# `engine: keda` end to end; first run: 20-40 minutes on 2 cores).
 keda:
 	@bash scripts/keda.sh image > /dev/null
 

@@ -22,13 +22,21 @@ OUT="$CACHE_ROOT/control-plane/k8s-v$K8S_VERSION-etcd-v$ETCD_VERSION"
 components=(kube-apiserver)
 [ "${1:-}" = node ] && components+=(kube-controller-manager kube-scheduler kubelet kube-proxy)
 
-missing=()
-for c in "${components[@]}"; do [ -x "$OUT/$c" ] || missing+=("$c"); done
+find_missing() {
+  missing=()
+  for c in "${components[@]}"; do [ -x "$OUT/$c" ] || missing+=("$c"); done
+}
+find_missing
 if [ ${#missing[@]} -eq 0 ] && [ -x "$OUT/etcd" ]; then
   echo "$OUT"
   exit 0
 fi
 mkdir -p "$OUT"
+# One build at a time (make test starts one in the background, scripts/prebuild.sh); a second
+# caller waits for it, then builds only what is still missing.
+exec 9>"$OUT/.lock"
+flock 9
+find_missing
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local

@@ -11,7 +11,7 @@
 #                            distroless, or its stand-in from scripts/base-images.sh); prints
 #                            its name
 #
-# First run: ~1.5 GB of modules and ~10 minutes of compiling on 2 cores; later runs: nothing.
+# First run: ~1.5 GB of modules and 20-40 minutes of compiling on 2 cores; later runs: nothing.
 # The admission webhooks (cmd/webhooks) are not built: they only validate ScaledObjects.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,14 @@ CACHE_ROOT=${CLIP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/clip-operator}
 OUT="$CACHE_ROOT/keda/v$KEDA_VERSION"
 IMAGE=clip-local/keda:v$KEDA_VERSION
 
-if [ ! -x "$OUT/keda" ] || [ ! -x "$OUT/keda-adapter" ] || [ ! -d "$OUT/config" ]; then
+built() { [ -x "$OUT/keda" ] && [ -x "$OUT/keda-adapter" ] && [ -d "$OUT/config" ]; }
+if ! built; then
+  # One build at a time (make test starts one in the background, scripts/prebuild.sh).
+  mkdir -p "$OUT"
+  exec 9>"$OUT/.lock"
+  flock 9
+fi
+if ! built; then
   export GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
   WORK=$(mktemp -d)
   trap 'rm -rf "$WORK"' EXIT
@@ -33,7 +40,7 @@ if [ ! -x "$OUT/keda" ] || [ ! -x "$OUT/keda-adapter" ] || [ ! -d "$OUT/config" 
   ldflags="-s -w -X=github.com/kedacore/keda/v2/version.Version=$KEDA_VERSION"
   for pair in operator:keda adapter:keda-adapter; do
     cmd=${pair%%:*} bin=${pair#*:}
-    echo "==> building $bin v$KEDA_VERSION from its Go module (first run only; ~5 minutes each on 2 cores)" >&2
+    echo "==> building $bin v$KEDA_VERSION from its Go module (first run only; the operator took 35 minutes on 2 cores shared with a cargo build, the adapter 8 more)" >&2
     (cd "$WORK/src" && go build -trimpath -ldflags "$ldflags" -o "$OUT/$bin.tmp" "./cmd/$cmd")
     mv "$OUT/$bin.tmp" "$OUT/$bin"
   done
