@@ -27,6 +27,11 @@ pub struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChildLabels {
+    pub child: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub namespace: String,
     pub name: String,
@@ -44,6 +49,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub reconciles: Counter,
     pub failures: Family<ErrorLabels, Counter>,
+    pub apply_failures: Family<ChildLabels, Counter>,
     pub duration: Histogram,
     pub condition: Family<ConditionLabels, Gauge>,
     pub decisions: Family<DecisionLabels, Counter>,
@@ -62,6 +68,12 @@ impl Default for Metrics {
             "reconcile_failures",
             "Reconciliations that failed, by error kind",
             failures.clone(),
+        );
+        let apply_failures = Family::<ChildLabels, Counter>::default();
+        registry.register(
+            "apply_failures",
+            "Children the API server refused, by kind (one count per refused write)",
+            apply_failures.clone(),
         );
         let duration = Histogram::new(exponential_buckets(0.01, 2.0, 13));
         registry.register(
@@ -103,6 +115,7 @@ impl Default for Metrics {
             registry,
             reconciles,
             failures,
+            apply_failures,
             duration,
             condition,
             decisions,
@@ -162,6 +175,11 @@ mod tests {
         m.failures
             .get_or_create(&ErrorLabels {
                 error: "kube".into(),
+            })
+            .inc();
+        m.apply_failures
+            .get_or_create(&ChildLabels {
+                child: "NodePool".into(),
             })
             .inc();
         m.duration.observe(0.1);

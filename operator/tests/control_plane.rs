@@ -854,3 +854,75 @@ fn helm_chart_on_a_real_control_plane() {
         "helm uninstall must keep the CRD"
     );
 }
+
+/// The counter `clip_operator_reconciles_total` on the operator's /metrics.
+fn reconciles(op: &Operator) -> u64 {
+    op.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("clip_operator_reconciles_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// At rest, the builtin scaler reads the queue and writes `status.queue` every polling interval;
+/// that status write must not start a second reconcile (the watch on processors only passes
+/// spec, deletion and finalizer changes).
+#[test]
+fn status_writes_do_not_start_reconciles() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cp = ControlPlane::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    cp.ok(&["apply", "-f", path("crds").to_str().unwrap()]);
+    upstream_crds(&cp);
+    cp.ok(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/clipprocessors.lakechain.dev",
+    ]);
+    cp.ok(&["create", "namespace", NS]);
+    let moto = Moto::start();
+    let sqs = rt.block_on(moto.sqs());
+    rt.block_on(sqs.create_queue().queue_name("clip-input").send())
+        .unwrap();
+    let op = Operator::start(&cp, &moto, "operator-a");
+    let interval = 2;
+    let spec = manifest("").replace(
+        "  modelCache:\n    efs:\n      fileSystemId: fs-0123456789abcdef0\n      accessPointId: fsap-0123456789abcdef0\n",
+        "  modelCache:\n    none: true\n",
+    ) + &format!(
+        "  compute:\n    nodePool:\n      provisioner: none\n  scaling:\n    pollingIntervalSeconds: {interval}\n"
+    );
+    assert!(cp.apply(&spec).status.success());
+    let read_at = |cp: &ControlPlane| {
+        cp.get(&["clipprocessor", "photos", "-n", NS])
+            .and_then(|v| v["status"]["queue"]["readAt"].as_str().map(String::from))
+    };
+    cp.wait(
+        "the scaler's first queue read in status",
+        T,
+        &["clipprocessor", "photos", "-n", NS],
+        |v| v["status"]["queue"]["readAt"].is_string(),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let (before, first_read) = (reconciles(&op), read_at(&cp));
+    let window = 30;
+    std::thread::sleep(Duration::from_secs(window));
+    let ran = reconciles(&op) - before;
+    assert_ne!(
+        read_at(&cp),
+        first_read,
+        "the scaler kept writing status.queue"
+    );
+    // One reconcile per polling interval (the requeue), plus slack for timing; a status write
+    // that re-triggered would double it.
+    let ticks = window / interval;
+    assert!(
+        ran <= ticks + 2,
+        "{ran} reconciles in {window}s at rest with a {interval}s polling interval (at most {} expected)\n{}",
+        ticks + 2,
+        op.logs()
+    );
+    assert!(ran >= ticks / 2, "the scaler's requeue stopped: {ran}");
+}

@@ -24,7 +24,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Mutex;
@@ -34,11 +34,12 @@ use crate::external::karpenter::NodePool;
 use crate::external::keda_scaled_object::ScaledObject;
 use crate::external::keda_trigger_authentication::TriggerAuthentication;
 use crate::metrics::{
-    ConditionLabels, DecisionLabels, ErrorLabels, Metrics, ProcessorLabels, QueueLabels,
+    ChildLabels, ConditionLabels, DecisionLabels, ErrorLabels, Metrics, ProcessorLabels,
+    QueueLabels,
 };
 use crate::scaler::{self, ScaleInput, sqs::QueueReader};
 use build::{Children, FIELD_MANAGER, names, selector};
-use status::{Observed, ScalerObservation};
+use status::{ApplyError, Child, Observed, ScalerObservation};
 use validate::{OperatorSettings, ValidatedProcessor};
 
 /// The finalizer that deletes cluster-scoped children (NodePool, PersistentVolume).
@@ -106,11 +107,31 @@ impl Context {
     }
 }
 
+/// What a reconcile acts on in a processor's own object: its spec (the generation), its deletion
+/// and its finalizers. Status writes (the operator's own, every polling interval with the
+/// builtin scaler) and other metadata changes do not start a reconcile; owned children, the
+/// scaler's requeue and the periodic resync still do.
+pub fn reconcile_trigger(cp: &ClipProcessor) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let m = &cp.metadata;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.generation.hash(&mut h);
+    m.deletion_timestamp.is_some().hash(&mut h);
+    m.finalizers.hash(&mut h);
+    Some(h.finish())
+}
+
 /// Runs the controller until the stream ends (shutdown).
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let processors: Api<ClipProcessor> = Api::all(client.clone());
-    Controller::new(processors, watcher::Config::default().any_semantic())
+    let (reader, writer) = reflector::store();
+    let changes = watcher(processors, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(reconcile_trigger, Default::default());
+    Controller::for_stream(changes, reader)
         .owns(
             Api::<Deployment>::all(client.clone()),
             watcher::Config::default().labels(build::LABEL_PROCESSOR),
@@ -229,7 +250,7 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
             }
             Err(e) => observed
                 .apply_errors
-                .push(format!("removing children the spec no longer wants: {e}")),
+                .push(ApplyError::new(Child::OrphanSweep, e)),
         }
     }
 
@@ -259,7 +280,9 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
     }))
 }
 
-/// Applies every child, recording what came back (their status) and what failed.
+/// Applies every child, recording what came back (their status) and what failed. The children
+/// are destructured once, without `..`: a new kind of child does not compile until it is
+/// applied here (and swept in `delete_orphans`, listed in `wanted`).
 async fn apply_children(
     ctx: &Context,
     p: &ValidatedProcessor,
@@ -267,83 +290,96 @@ async fn apply_children(
     owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
     o: &mut Observed,
 ) {
+    let Children {
+        service_account,
+        deployment,
+        persistent_volume,
+        persistent_volume_claim,
+        cache_warm_job,
+        node_pool,
+        trigger_authentication,
+        scaled_object,
+    } = c.clone();
     let client = &ctx.client;
     let ns = p.namespace.as_str();
-    let mut fail =
-        |what: &str, e: kube::Error| o.apply_errors.push(format!("{what}: {}", describe(&e)));
+    let mut errors = Vec::new();
     macro_rules! try_apply {
-        ($what:expr, $fut:expr) => {
+        ($child:expr, $fut:expr) => {
             match $fut.await {
                 Ok(v) => Some(v),
                 Err(e) => {
-                    fail($what, e);
+                    errors.push(ApplyError::new($child, e));
                     None
                 }
             }
         };
     }
-    if let Some(sa) = c.service_account.clone() {
+    if let Some(sa) = service_account {
         try_apply!(
-            "ServiceAccount",
+            Child::ServiceAccount,
             apply::apply_owned::<ServiceAccount>(client, ns, sa, owner)
         );
     }
-    if let Some(pv) = c.persistent_volume.clone() {
+    if let Some(pv) = persistent_volume {
         try_apply!(
-            "PersistentVolume",
+            Child::PersistentVolume,
             apply::apply_cluster::<PersistentVolume>(client, pv)
         );
     }
-    if let Some(pvc) = c.persistent_volume_claim.clone() {
+    if let Some(pvc) = persistent_volume_claim {
         try_apply!(
-            "PersistentVolumeClaim",
+            Child::PersistentVolumeClaim,
             apply::apply_owned::<PersistentVolumeClaim>(client, ns, pvc, owner)
         );
     }
-    let job = match c.cache_warm_job.clone() {
+    let job = match cache_warm_job {
         Some(job) => try_apply!(
-            "cache-warm Job",
+            Child::CacheWarmJob,
             apply::apply_job::<Job>(client, ns, job, owner)
         ),
         None => None,
     };
-    let deployment = match c.deployment.clone() {
-        Some(d) => try_apply!("Deployment", apply::apply_deployment(client, ns, d, owner)),
+    let deployment = match deployment {
+        Some(d) => try_apply!(
+            Child::Deployment,
+            apply::apply_deployment(client, ns, d, owner)
+        ),
         None => None,
     };
-    let node_pool = match c.node_pool.clone() {
+    let node_pool = match node_pool {
         Some(np) => try_apply!(
-            "NodePool (is Karpenter installed?)",
+            Child::NodePool,
             apply::apply_cluster::<NodePool>(client, np)
         ),
         None => None,
     };
-    if let Some(ta) = c.trigger_authentication.clone() {
+    if let Some(ta) = trigger_authentication {
         try_apply!(
-            "TriggerAuthentication (is KEDA installed?)",
+            Child::TriggerAuthentication,
             apply::apply_owned::<TriggerAuthentication>(client, ns, ta, owner)
         );
     }
-    if let Some(mut so) = c.scaled_object.clone() {
+    if let Some(mut so) = scaled_object {
         // KEDA holds the workers at zero until the Job just applied reports the cache full.
         let warmed = !p.cache.shared() || job.as_ref().is_some_and(status::job_complete);
         build::keda::hold_until_warm(&mut so, warmed);
         try_apply!(
-            "ScaledObject (is KEDA installed?)",
+            Child::ScaledObject,
             apply::apply_owned::<ScaledObject>(client, ns, so, owner)
         );
     }
+    for e in &errors {
+        ctx.metrics
+            .apply_failures
+            .get_or_create(&ChildLabels {
+                child: e.child.label().into(),
+            })
+            .inc();
+    }
+    o.apply_errors.extend(errors);
     o.cache_job = job;
     o.deployment = deployment;
     o.node_pool = node_pool;
-}
-
-/// A kube error as one sentence.
-fn describe(e: &kube::Error) -> String {
-    match e {
-        kube::Error::Api(s) => format!("{} ({})", s.message, s.reason),
-        other => other.to_string(),
-    }
 }
 
 /// Deletes children the current spec does not want (after a model change, an engine switch, a
@@ -353,6 +389,17 @@ async fn delete_orphans(
     p: &ValidatedProcessor,
     c: &Children,
 ) -> Result<(), kube::Error> {
+    let Children {
+        // Owned by the processor for its whole life: never an orphan.
+        service_account: _,
+        deployment: _,
+        persistent_volume,
+        persistent_volume_claim,
+        cache_warm_job,
+        node_pool,
+        trigger_authentication,
+        scaled_object,
+    } = c;
     let sel = selector(&p.name, &p.namespace);
     let client = ctx.client.clone();
     let ns = p.namespace.as_str();
@@ -361,7 +408,7 @@ async fn delete_orphans(
         apply::delete_orphans(
             Api::<Job>::namespaced(client.clone(), ns),
             &sel,
-            &keep(&c.cache_warm_job),
+            &keep(cache_warm_job),
         )
         .await?,
     );
@@ -369,7 +416,7 @@ async fn delete_orphans(
         apply::delete_orphans(
             Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
             &sel,
-            &keep(&c.persistent_volume_claim),
+            &keep(persistent_volume_claim),
         )
         .await?,
     );
@@ -377,23 +424,18 @@ async fn delete_orphans(
         apply::delete_orphans(
             Api::<PersistentVolume>::all(client.clone()),
             &sel,
-            &keep(&c.persistent_volume),
+            &keep(persistent_volume),
         )
         .await?,
     );
     deleted.extend(
-        apply::delete_orphans(
-            Api::<NodePool>::all(client.clone()),
-            &sel,
-            &keep(&c.node_pool),
-        )
-        .await?,
+        apply::delete_orphans(Api::<NodePool>::all(client.clone()), &sel, &keep(node_pool)).await?,
     );
     deleted.extend(
         apply::delete_orphans(
             Api::<ScaledObject>::namespaced(client.clone(), ns),
             &sel,
-            &keep(&c.scaled_object),
+            &keep(scaled_object),
         )
         .await?,
     );
@@ -401,7 +443,7 @@ async fn delete_orphans(
         apply::delete_orphans(
             Api::<TriggerAuthentication>::namespaced(client.clone(), ns),
             &sel,
-            &keep(&c.trigger_authentication),
+            &keep(trigger_authentication),
         )
         .await?,
     );
@@ -418,15 +460,25 @@ fn wanted(c: &Children) -> Vec<String> {
             out.push(format!("{}/{}", K::kind(&()), k.name_any()));
         }
     }
+    let Children {
+        service_account,
+        deployment,
+        persistent_volume,
+        persistent_volume_claim,
+        cache_warm_job,
+        node_pool,
+        trigger_authentication,
+        scaled_object,
+    } = c;
     let mut out = Vec::new();
-    one(&mut out, &c.service_account);
-    one(&mut out, &c.deployment);
-    one(&mut out, &c.persistent_volume);
-    one(&mut out, &c.persistent_volume_claim);
-    one(&mut out, &c.cache_warm_job);
-    one(&mut out, &c.node_pool);
-    one(&mut out, &c.trigger_authentication);
-    one(&mut out, &c.scaled_object);
+    one(&mut out, service_account);
+    one(&mut out, deployment);
+    one(&mut out, persistent_volume);
+    one(&mut out, persistent_volume_claim);
+    one(&mut out, cache_warm_job);
+    one(&mut out, node_pool);
+    one(&mut out, trigger_authentication);
+    one(&mut out, scaled_object);
     out
 }
 
@@ -540,11 +592,15 @@ async fn scale_tick(
             tracing::info!(processor = %key(cp), "{reason}: {note}");
             event(ctx, cp, EventType::Normal, reason, "Scale", note).await;
         }
-        Err(e) => o.apply_errors.push(format!(
-            "scaling the workers to {}: {}",
-            decision.desired,
-            describe(&e)
-        )),
+        Err(e) => {
+            ctx.metrics
+                .apply_failures
+                .get_or_create(&ChildLabels {
+                    child: Child::Scale.label().into(),
+                })
+                .inc();
+            o.apply_errors.push(ApplyError::new(Child::Scale, e));
+        }
     }
 }
 

@@ -34,8 +34,80 @@ pub struct Observed {
     pub node_pool: Option<NodePool>,
     pub scaled_object: Option<ScaledObject>,
     pub scaler: Option<ScalerObservation>,
-    /// Children that could not be applied, with the reason.
-    pub apply_errors: Vec<String>,
+    /// Children that could not be applied (or scaled, or swept), with the reason.
+    pub apply_errors: Vec<ApplyError>,
+}
+
+/// The kinds of child a reconcile writes; the label of `clip_operator_apply_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Child {
+    ServiceAccount,
+    Deployment,
+    PersistentVolume,
+    PersistentVolumeClaim,
+    CacheWarmJob,
+    NodePool,
+    TriggerAuthentication,
+    ScaledObject,
+    /// The builtin scaler's write to `deployments/scale`.
+    Scale,
+    /// Deleting children the spec no longer wants.
+    OrphanSweep,
+}
+
+impl Child {
+    pub fn label(self) -> &'static str {
+        match self {
+            Child::ServiceAccount => "ServiceAccount",
+            Child::Deployment => "Deployment",
+            Child::PersistentVolume => "PersistentVolume",
+            Child::PersistentVolumeClaim => "PersistentVolumeClaim",
+            Child::CacheWarmJob => "Job",
+            Child::NodePool => "NodePool",
+            Child::TriggerAuthentication => "TriggerAuthentication",
+            Child::ScaledObject => "ScaledObject",
+            Child::Scale => "Scale",
+            Child::OrphanSweep => "OrphanSweep",
+        }
+    }
+
+    /// How the child is named in status messages (with a hint for the optional CRDs).
+    fn describe(self) -> &'static str {
+        match self {
+            Child::CacheWarmJob => "cache-warm Job",
+            Child::NodePool => "NodePool (is Karpenter installed?)",
+            Child::TriggerAuthentication => "TriggerAuthentication (is KEDA installed?)",
+            Child::ScaledObject => "ScaledObject (is KEDA installed?)",
+            Child::Scale => "scaling the workers",
+            Child::OrphanSweep => "removing children the spec no longer wants",
+            other => other.label(),
+        }
+    }
+}
+
+/// A child the API server refused: which, and its error.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {}", .child.describe(), describe_kube(.source))]
+pub struct ApplyError {
+    pub child: Child,
+    pub source: std::sync::Arc<kube::Error>,
+}
+
+impl ApplyError {
+    pub fn new(child: Child, source: kube::Error) -> Self {
+        ApplyError {
+            child,
+            source: std::sync::Arc::new(source),
+        }
+    }
+}
+
+/// A kube error as one sentence.
+pub fn describe_kube(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({})", s.message, s.reason),
+        other => other.to_string(),
+    }
 }
 
 /// One condition before bookkeeping.
@@ -321,7 +393,7 @@ pub fn conditions(
         scaler_ready(p, o),
         workers_available(o),
     ];
-    let mut problems: Vec<String> = o.apply_errors.clone();
+    let mut problems: Vec<String> = o.apply_errors.iter().map(|e| e.to_string()).collect();
     for c in &subs {
         if !c.status && !c.unknown && matches!(c.reason.as_str(), "WarmFailed" | "QueueUnreadable")
         {

@@ -516,3 +516,39 @@ async fn keda_holds_the_workers_at_zero_until_the_cache_warm_job_succeeded() {
         "the apply after the Job succeeded gives KEDA the scale"
     );
 }
+
+#[tokio::test]
+async fn a_refused_child_is_one_failure_of_its_kind_and_the_others_still_apply() {
+    let (fake, ctx) = setup(json!({}));
+    fake.fail(
+        Method::PATCH,
+        "/apis/karpenter.sh/v1/nodepools/",
+        404,
+        "NotFound",
+    );
+    converge(&fake, &ctx).await;
+    let degraded = condition(&fake, "Degraded");
+    assert_eq!(degraded["reason"], "ApplyFailed");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("NodePool (is Karpenter installed?): "),
+        "{degraded}"
+    );
+    assert!(exists(&fake, DEPLOYMENT), "the other children are applied");
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &ctx.metrics.registry).unwrap();
+    let counted: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("clip_operator_apply_failures_total{"))
+        .collect();
+    // One count per refused write (one per reconcile), all of kind NodePool.
+    assert!(
+        !counted.is_empty()
+            && counted
+                .iter()
+                .all(|l| l.starts_with(r#"clip_operator_apply_failures_total{child="NodePool"}"#)),
+        "{counted:?}"
+    );
+}
