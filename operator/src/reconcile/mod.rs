@@ -271,7 +271,20 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
     status.conditions = status::conditions(&p, &observed, &previous.conditions, &now);
     record_conditions(ctx, &p, &status.conditions);
     publish_transitions(ctx, &cp, &previous.conditions, &status.conditions).await;
-    patch_status(ctx, &cp, &previous, status).await?;
+    if let Err(e) = patch_status(ctx, &cp, &previous, status).await {
+        if p.engine != ScalingEngine::Builtin {
+            return Err(e.into());
+        }
+        // The builtin scaler keeps following the queue while status cannot be written: no
+        // backoff (up to 5 minutes) for it; the next tick writes the status again.
+        ctx.metrics
+            .apply_failures
+            .get_or_create(&ChildLabels {
+                child: Child::Status.label().into(),
+            })
+            .inc();
+        tracing::warn!(processor = %key(&cp), "cannot write status (scaling goes on): {}", status::describe_kube(&e));
+    }
 
     let poll = Duration::from_secs(p.spec.scaling.polling_interval_seconds.max(1) as u64);
     Ok(Action::requeue(match p.engine {

@@ -53,6 +53,8 @@ pub enum Child {
     Scale,
     /// Deleting children the spec no longer wants.
     OrphanSweep,
+    /// The processor's own status subresource.
+    Status,
 }
 
 impl Child {
@@ -68,6 +70,7 @@ impl Child {
             Child::ScaledObject => "ScaledObject",
             Child::Scale => "Scale",
             Child::OrphanSweep => "OrphanSweep",
+            Child::Status => "Status",
         }
     }
 
@@ -80,6 +83,7 @@ impl Child {
             Child::ScaledObject => "ScaledObject (is KEDA installed?)",
             Child::Scale => "scaling the workers",
             Child::OrphanSweep => "removing children the spec no longer wants",
+            Child::Status => "writing status",
             other => other.label(),
         }
     }

@@ -552,3 +552,78 @@ async fn a_refused_child_is_one_failure_of_its_kind_and_the_others_still_apply()
         "{counted:?}"
     );
 }
+
+#[tokio::test]
+async fn the_builtin_scaler_keeps_scaling_while_status_writes_are_refused() {
+    let moto = moto();
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&moto.1)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "test", "test", None, None, "emulator",
+        ))
+        .load()
+        .await;
+    let sqs = aws_sdk_sqs::Client::new(&conf);
+    let queue = sqs
+        .create_queue()
+        .queue_name("clip-input")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let fake = FakeApi::default();
+    fake.insert(
+        CP,
+        manifest(json!({
+            "source": {"queueUrl": "https://sqs.us-east-1.amazonaws.com/123456789012/clip-input"},
+            "scaling": {"engine": "builtin", "messagesPerInstance": 10, "pollingIntervalSeconds": 15},
+            "compute": {"nodePool": {"provisioner": "none"}},
+            "modelCache": {"none": true, "efs": null}
+        })),
+    );
+    let ctx = Context::new(
+        fake.client(),
+        OperatorSettings::default(),
+        Arc::new(Metrics::default()),
+        None,
+        QueueReader::for_emulator(&moto.1),
+    );
+    converge(&fake, &ctx).await;
+    fake.fail(
+        Method::PATCH,
+        "/clipprocessors/photos/status",
+        403,
+        "Forbidden",
+    );
+    for _ in 0..2 {
+        sqs.send_message()
+            .queue_url(&queue)
+            .message_body("{}")
+            .send()
+            .await
+            .unwrap();
+    }
+    // No error, no backoff: the next tick comes at the polling interval...
+    let action = reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+    // ... and the queue was followed all the same.
+    assert_eq!(fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"], 1);
+    for _ in 0..20 {
+        sqs.send_message()
+            .queue_url(&queue)
+            .message_body("{}")
+            .send()
+            .await
+            .unwrap();
+    }
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert_eq!(fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"], 3);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &ctx.metrics.registry).unwrap();
+    assert!(
+        text.contains(r#"clip_operator_apply_failures_total{child="Status"} 2"#),
+        "{text}"
+    );
+}
