@@ -132,15 +132,10 @@ fn delete_processor(cp: &ControlPlane, node_pool: &str) {
     cp.wait_gone("the NodePool", T, &["nodepools.karpenter.sh", node_pool]);
 }
 
-#[test]
-fn operator_on_a_real_control_plane() {
-    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let cp = ControlPlane::start();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-
-    // --- CRDs: ours and the upstream Karpenter/KEDA ones, so every object we emit is validated.
+/// Our CRD and the upstream Karpenter/KEDA ones, established.
+fn crds(cp: &ControlPlane) {
     cp.ok(&["apply", "-f", path("crds").to_str().unwrap()]);
-    upstream_crds(&cp);
+    upstream_crds(cp);
     for crd in [
         "clipprocessors.lakechain.dev",
         "nodepools.karpenter.sh",
@@ -156,6 +151,16 @@ fn operator_on_a_real_control_plane() {
             &format!("crd/{crd}"),
         ]);
     }
+}
+
+#[test]
+fn operator_on_a_real_control_plane() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cp = ControlPlane::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // --- CRDs: ours and the upstream Karpenter/KEDA ones, so every object we emit is validated.
+    crds(&cp);
     cp.ok(&["create", "namespace", NS]);
 
     // --- Invalid manifests are rejected by the API server with the CEL message.
@@ -872,15 +877,7 @@ fn status_writes_do_not_start_reconciles() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let cp = ControlPlane::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    cp.ok(&["apply", "-f", path("crds").to_str().unwrap()]);
-    upstream_crds(&cp);
-    cp.ok(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout=60s",
-        "crd/clipprocessors.lakechain.dev",
-    ]);
+    crds(&cp);
     cp.ok(&["create", "namespace", NS]);
     let moto = Moto::start();
     let sqs = rt.block_on(moto.sqs());

@@ -383,8 +383,8 @@ fn moto() -> Moto {
     Moto(child, format!("http://127.0.0.1:{port}"))
 }
 
-#[tokio::test]
-async fn the_builtin_scaler_follows_a_real_queue() {
+/// moto's server, an SQS client for it and the queue `clip-input`.
+async fn moto_queue() -> (Moto, aws_sdk_sqs::Client, String) {
     let moto = moto();
     let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(&moto.1)
@@ -403,6 +403,12 @@ async fn the_builtin_scaler_follows_a_real_queue() {
         .unwrap()
         .queue_url
         .unwrap();
+    (moto, sqs, queue)
+}
+
+#[tokio::test]
+async fn the_builtin_scaler_follows_a_real_queue() {
+    let (moto, sqs, queue) = moto_queue().await;
     for chunk in 0..3 {
         let entries = (0..10)
             .filter(|i| chunk * 10 + i < 25)
@@ -555,24 +561,7 @@ async fn a_refused_child_is_one_failure_of_its_kind_and_the_others_still_apply()
 
 #[tokio::test]
 async fn the_builtin_scaler_keeps_scaling_while_status_writes_are_refused() {
-    let moto = moto();
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(&moto.1)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "test", "test", None, None, "emulator",
-        ))
-        .load()
-        .await;
-    let sqs = aws_sdk_sqs::Client::new(&conf);
-    let queue = sqs
-        .create_queue()
-        .queue_name("clip-input")
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
+    let (moto, sqs, queue) = moto_queue().await;
     let fake = FakeApi::default();
     fake.insert(
         CP,
