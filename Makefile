@@ -56,6 +56,7 @@ fixtures: venv
 
 test: prebuild lint test-rust validate-manifests test-python e2e
 	@bash tests/cluster/cluster.sh down
+	@bash scripts/docker.sh stop
 
 test-rust: build fixtures control-plane kube-tools
 	$(CARGO) test $(CARGO_FLAGS) --workspace

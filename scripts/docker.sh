@@ -5,10 +5,23 @@
 # and no iptables rules (containers and builds use the host's network: loopback and the package
 # registries only), its log in $CLIP_CACHE/dockerd.log. BuildKit: the client's buildx plugin
 # where present, else Debian's 20.10 client, whose DOCKER_BUILDKIT=1 needs no plugin.
-# Idempotent.
+# Idempotent. `scripts/docker.sh stop` stops the dockerd this script started (and only that one;
+# an engine the machine already ran is left alone); `make test` ends with it.
 set -euo pipefail
 CACHE_ROOT=${CLIP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/clip-operator}
+PIDFILE=$CACHE_ROOT/dockerd.pid
 mkdir -p "$CACHE_ROOT"
+if [ "${1:-}" = stop ]; then
+  [ -f "$PIDFILE" ] || exit 0
+  pid=$(cat "$PIDFILE")
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "==> stopping the dockerd scripts/docker.sh started (pid $pid)" >&2
+    kill -TERM "$pid"
+    for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  fi
+  rm -f "$PIDFILE"
+  exit 0
+fi
 if [ -n "${DOCKER:-}" ]; then echo "$DOCKER"; exit 0; fi
 client=docker
 if ! command -v docker >/dev/null || ! docker buildx version >/dev/null 2>&1; then
@@ -26,6 +39,7 @@ if ! $client info >/dev/null 2>&1; then
   echo "==> starting dockerd (no bridge, no iptables; log: $CACHE_ROOT/dockerd.log)" >&2
   setsid dockerd --bridge=none --iptables=false --ip6tables=false \
     >>"$CACHE_ROOT/dockerd.log" 2>&1 < /dev/null &
+  echo $! > "$PIDFILE"
   for _ in $(seq 60); do $client info >/dev/null 2>&1 && break; sleep 1; done
   $client info >/dev/null 2>&1 || { echo "dockerd did not start: see $CACHE_ROOT/dockerd.log" >&2; exit 1; }
 fi
