@@ -79,7 +79,9 @@ if ! have "$DISTROLESS"; then
 fi
 
 # Stand-ins of earlier recipes are no longer used.
-for old in $($DOCKER images --format '{{.Repository}}:{{.Tag}}' 'clip-local/*' | grep -v ":$KEY\$"); do
+# (Only the stand-ins' own repositories: other clip-local images, such as KEDA's, stay.)
+for old in $(for repo in "${SLIM%%:*}" "${DISTROLESS%%:*}"; do
+               $DOCKER images --format '{{.Repository}}:{{.Tag}}' "$repo"; done | grep -v ":$KEY\$"); do
   $DOCKER rmi "$old" >/dev/null 2>&1 || true
 done
 echo "BINARIES=host"

@@ -69,11 +69,13 @@ def test_keda_takes_the_scaled_object_and_holds_the_workers_until_the_cache_is_w
          lambda: kube.json("get", "job", "-n", NS, job).get("status", {}).get("succeeded", 0) >= 1)
     completed = ts(kube.json("get", "job", "-n", NS, job)["status"].get("completionTime"))
     # The operator drops KEDA's paused-replicas once the Job is done; KEDA then owns the scale.
-    wait("the ScaledObject to be unpaused and Ready", 120, lambda: (
-        "autoscaling.keda.sh/paused-replicas" not in (scaled_object(kube)["metadata"].get("annotations") or {})
-        and any(c["type"] == "Ready" and c["status"] == "True"
-                for c in scaled_object(kube).get("status", {}).get("conditions", []))))
-    so = scaled_object(kube)
+    def unpaused_and_ready():
+        so = scaled_object(kube)
+        paused = "autoscaling.keda.sh/paused-replicas" in (so["metadata"].get("annotations") or {})
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in so.get("status", {}).get("conditions", []))
+        return so if ready and not paused else None
+
+    so = wait("the ScaledObject to be unpaused and Ready", 120, unpaused_and_ready)
     hpa = so["status"].get("hpaName")
     assert hpa, f"KEDA made no HPA: {so['status']}"
     assert kube.json("get", "hpa", "-n", NS, hpa)["spec"]["scaleTargetRef"]["name"] == f"{NAME}-worker"

@@ -277,12 +277,7 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
         }
         // The builtin scaler keeps following the queue while status cannot be written: no
         // backoff (up to 5 minutes) for it; the next tick writes the status again.
-        ctx.metrics
-            .apply_failures
-            .get_or_create(&ChildLabels {
-                child: Child::Status.label().into(),
-            })
-            .inc();
+        count_refused(ctx, Child::Status);
         tracing::warn!(processor = %key(&cp), "cannot write status (scaling goes on): {}", status::describe_kube(&e));
     }
 
@@ -382,17 +377,22 @@ async fn apply_children(
         );
     }
     for e in &errors {
-        ctx.metrics
-            .apply_failures
-            .get_or_create(&ChildLabels {
-                child: e.child.label().into(),
-            })
-            .inc();
+        count_refused(ctx, e.child);
     }
     o.apply_errors.extend(errors);
     o.cache_job = job;
     o.deployment = deployment;
     o.node_pool = node_pool;
+}
+
+/// One refused write of this kind of child, in `clip_operator_apply_failures_total`.
+fn count_refused(ctx: &Context, child: Child) {
+    ctx.metrics
+        .apply_failures
+        .get_or_create(&ChildLabels {
+            child: child.label().into(),
+        })
+        .inc();
 }
 
 /// Deletes children the current spec does not want (after a model change, an engine switch, a
@@ -606,12 +606,7 @@ async fn scale_tick(
             event(ctx, cp, EventType::Normal, reason, "Scale", note).await;
         }
         Err(e) => {
-            ctx.metrics
-                .apply_failures
-                .get_or_create(&ChildLabels {
-                    child: Child::Scale.label().into(),
-                })
-                .inc();
+            count_refused(ctx, Child::Scale);
             o.apply_errors.push(ApplyError::new(Child::Scale, e));
         }
     }
