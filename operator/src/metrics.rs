@@ -55,6 +55,7 @@ pub struct Metrics {
     pub decisions: Family<DecisionLabels, Counter>,
     pub desired_replicas: Family<ProcessorLabels, Gauge>,
     pub queue_messages: Family<QueueLabels, Gauge>,
+    pub queue_reads: Counter,
     pub leader: Gauge,
 }
 
@@ -105,6 +106,12 @@ impl Default for Metrics {
             "Queue depth the builtin scaler read",
             queue_messages.clone(),
         );
+        let queue_reads = Counter::default();
+        registry.register(
+            "queue_reads",
+            "GetQueueAttributes calls of the builtin scaler",
+            queue_reads.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -121,6 +128,7 @@ impl Default for Metrics {
             decisions,
             desired_replicas,
             queue_messages,
+            queue_reads,
             leader,
         }
     }

@@ -35,6 +35,8 @@ struct State {
     seen: Vec<Seen>,
     faults: Vec<Fault>,
     counter: u64,
+    /// Per object and field manager: the top-level status fields it applied last.
+    status_owners: BTreeMap<(String, String), Vec<String>>,
 }
 
 /// The fake API server; clone handles share state.
@@ -226,7 +228,37 @@ impl FakeApi {
                 } else if sub.as_deref() == Some("scale") {
                     obj["spec"]["replicas"] = patch["spec"]["replicas"].clone();
                 } else if sub.as_deref() == Some("status") {
-                    obj["status"] = patch["status"].clone();
+                    // Server-side apply per field manager, at the top level of status: a
+                    // manager's apply sets its fields and removes those it applied before and
+                    // left out, unless another manager also owns them.
+                    let manager = query
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix("fieldManager="))
+                        .unwrap_or_default()
+                        .to_string();
+                    let fields: Vec<String> = patch["status"]
+                        .as_object()
+                        .map(|m| m.keys().cloned().collect())
+                        .unwrap_or_default();
+                    let before = st
+                        .status_owners
+                        .insert((base.clone(), manager.clone()), fields.clone())
+                        .unwrap_or_default();
+                    if !obj["status"].is_object() {
+                        obj["status"] = json!({});
+                    }
+                    for gone in before.iter().filter(|f| !fields.contains(f)) {
+                        let shared = st
+                            .status_owners
+                            .iter()
+                            .any(|((b, m), fs)| *b == base && *m != manager && fs.contains(gone));
+                        if !shared && let Some(o) = obj["status"].as_object_mut() {
+                            o.remove(gone);
+                        }
+                    }
+                    for f in &fields {
+                        obj["status"][f] = patch["status"][f].clone();
+                    }
                 } else {
                     json_patch::merge(&mut obj, &patch);
                 }

@@ -1,5 +1,8 @@
 //! The controller: validate (pure) -> build (pure) -> apply (server-side apply, orphan cleanup)
-//! -> scale (builtin engine) -> status (pure, from observed children) -> patch status.
+//! -> hand the builtin scaler its settings -> status (pure, from observed children) -> patch
+//! status. The builtin scaler runs in its own loop per processor (`scaler::runner`); reconcile
+//! runs when the spec or an owned child changes, when the scaler reports a change, and every
+//! `RESYNC`.
 
 pub mod apply;
 pub mod build;
@@ -14,6 +17,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
+
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
@@ -24,22 +29,21 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Mutex;
 
-use crate::crd::{ClipProcessor, ClipProcessorStatus, QueueStatus, ScalingEngine};
+use crate::crd::{ClipProcessor, ClipProcessorStatus, ScalingEngine};
 use crate::external::karpenter::NodePool;
 use crate::external::keda_scaled_object::ScaledObject;
 use crate::external::keda_trigger_authentication::TriggerAuthentication;
-use crate::metrics::{
-    ChildLabels, ConditionLabels, DecisionLabels, ErrorLabels, Metrics, ProcessorLabels,
-    QueueLabels,
-};
-use crate::scaler::{self, ScaleInput, sqs::QueueReader};
+use crate::metrics::{ChildLabels, ConditionLabels, ErrorLabels, Metrics};
+use crate::scaler::runner::{self, Env, QueueDepths, Scalers, Seed};
+use crate::scaler::target::KubeTarget;
 use build::{Children, FIELD_MANAGER, names, selector};
-use status::{ApplyError, Child, Observed, ScalerObservation};
+use status::{ApplyError, Child, Observed};
 use validate::{OperatorSettings, ValidatedProcessor};
 
 /// The finalizer that deletes cluster-scoped children (NodePool, PersistentVolume).
@@ -48,6 +52,10 @@ pub const FINALIZER: &str = "lakechain.dev/cleanup";
 /// How often the orphan sweep (six label-selected lists) runs while the set of wanted children
 /// stays the same; it runs at once whenever that set changes, and after an operator restart.
 const ORPHAN_RESYNC: Duration = Duration::from_secs(300);
+
+/// How often a processor is reconciled when nothing changed (drift of children that are not
+/// watched: ServiceAccount, PersistentVolume and claim, TriggerAuthentication).
+pub const RESYNC: Duration = Duration::from_secs(300);
 
 /// Why a reconcile failed. The variant name is the metric label.
 #[derive(Debug, thiserror::Error)]
@@ -73,9 +81,9 @@ pub struct Context {
     pub settings: OperatorSettings,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
-    pub queues: QueueReader,
-    /// Per processor: the builtin scaler's recent recommendations.
-    histories: Mutex<HashMap<String, scaler::History>>,
+    pub queues: Arc<dyn QueueDepths>,
+    /// The builtin scaler's loops.
+    pub scalers: Scalers,
     /// Per processor: consecutive failures, for backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// Per processor: the wanted children at the last complete orphan sweep, and when it ran.
@@ -88,22 +96,43 @@ impl Context {
         settings: OperatorSettings,
         metrics: Arc<Metrics>,
         instance: Option<String>,
-        queues: QueueReader,
+        queues: impl QueueDepths + 'static,
     ) -> Arc<Self> {
         let reporter = Reporter {
             controller: "clip-operator".into(),
             instance,
         };
+        let recorder = Recorder::new(client.clone(), reporter);
+        let queues: Arc<dyn QueueDepths> = Arc::new(queues);
+        let scalers = Scalers::default();
+        // Outside `run` (tests, one-off reconciles): Deployments read from the API, and no one
+        // listens for the scaler's reconcile requests.
+        scalers.install(Env::new(
+            queues.clone(),
+            Arc::new(KubeTarget::new(client.clone(), None, recorder.clone())),
+            metrics.clone(),
+            mpsc::unbounded_channel().0,
+        ));
         Arc::new(Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder,
             client,
             settings,
             metrics,
             queues,
-            histories: Default::default(),
+            scalers,
             failures: Default::default(),
             swept: Default::default(),
         })
+    }
+}
+
+/// Stops the scaler's loops when the controller stops (shutdown, or its future dropped when the
+/// lease is lost): only the leader scales.
+struct StopScalers(Arc<Context>);
+
+impl Drop for StopScalers {
+    fn drop(&mut self) {
+        self.0.scalers.stop_all();
     }
 }
 
@@ -131,14 +160,57 @@ pub async fn run(ctx: Arc<Context>) {
         .reflect(writer)
         .applied_objects()
         .predicate_filter(reconcile_trigger, Default::default());
+    // One cache of worker Deployments serves both the controller (owned children) and the
+    // scaler loops (current replicas, with no request per tick).
+    let (deployments, deployments_writer) = reflector::store();
+    let deployment_changes = watcher(
+        Api::<Deployment>::all(client.clone()),
+        watcher::Config::default().labels(build::LABEL_PROCESSOR),
+    )
+    .default_backoff()
+    .reflect(deployments_writer)
+    .touched_objects();
+    let (asks, asked) = mpsc::unbounded_channel::<(String, String)>();
+    ctx.scalers.install(Env::new(
+        ctx.queues.clone(),
+        Arc::new(KubeTarget::new(
+            client.clone(),
+            Some(deployments),
+            ctx.recorder.clone(),
+        )),
+        ctx.metrics.clone(),
+        asks,
+    ));
+    let _stop = StopScalers(ctx.clone());
+    let scaler_asks = futures::stream::unfold(asked, |mut rx| async move {
+        let (ns, name) = rx.recv().await?;
+        Some((ObjectRef::<ClipProcessor>::new(&name).within(&ns), rx))
+    });
     Controller::for_stream(changes, reader)
-        .owns(
-            Api::<Deployment>::all(client.clone()),
-            watcher::Config::default().labels(build::LABEL_PROCESSOR),
-        )
+        .owns_stream(deployment_changes)
+        .reconcile_on(scaler_asks)
         .owns(
             Api::<Job>::all(client.clone()),
             watcher::Config::default().labels(build::LABEL_PROCESSOR),
+        )
+        // Readiness reported by Karpenter and KEDA. Where their CRDs are not installed these
+        // watches fail and retry with backoff (a list every 30 s at most); nothing else waits
+        // on them.
+        .owns(
+            Api::<ScaledObject>::all(client.clone()),
+            watcher::Config::default().labels(build::LABEL_PROCESSOR),
+        )
+        .watches(
+            Api::<NodePool>::all(client.clone()),
+            watcher::Config::default().labels(build::LABEL_PROCESSOR),
+            // Cluster-scoped: no owner reference, so the processor is found by its labels.
+            |np: NodePool| {
+                let labels = np.labels();
+                Some(
+                    ObjectRef::<ClipProcessor>::new(labels.get(build::LABEL_PROCESSOR)?)
+                        .within(labels.get(build::LABEL_NAMESPACE)?),
+                )
+            },
         )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -205,6 +277,7 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
     let p = match validate::validate(&cp, &ctx.settings) {
         Ok(p) => p,
         Err(invalid) => {
+            ctx.scalers.stop(&ns_of(&cp), &cp.name_any());
             let conditions = status::invalid_conditions(
                 &invalid.0,
                 cp.metadata.generation,
@@ -214,7 +287,8 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
             let status = ClipProcessorStatus {
                 observed_generation: cp.metadata.generation,
                 conditions,
-                ..previous.clone()
+                replicas: previous.replicas.clone(),
+                ..Default::default()
             };
             publish_transitions(ctx, &cp, &previous.conditions, &status.conditions).await;
             patch_status(ctx, &cp, &previous, status).await?;
@@ -254,38 +328,74 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
         }
     }
 
-    let mut status = ClipProcessorStatus {
-        observed_generation: p.generation,
-        ..previous.clone()
-    };
-    if p.engine == ScalingEngine::Builtin {
-        scale_tick(ctx, &cp, &p, &mut observed, &mut status).await;
-    } else {
-        status.queue = None;
-        observed.scaled_object = Api::<ScaledObject>::namespaced(ctx.client.clone(), &p.namespace)
-            .get_opt(&names::scaled_object(&p))
-            .await
-            .unwrap_or(None);
+    match p.engine {
+        ScalingEngine::Builtin => {
+            // Start the processor's scaler loop, or hand it what changed; the scaler's
+            // replicas come from the Deployment and its queue read from the loop.
+            ctx.scalers.ensure(
+                runner::Settings {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    reference: cp.object_ref(&()),
+                    region: p.region.clone(),
+                    queue_url: p.spec.source.queue_url.clone(),
+                    deployment: names::worker(&p),
+                    scaling: p.spec.scaling.clone(),
+                    warmed: status::cache_warmed(&p, &observed),
+                },
+                Seed {
+                    last_active: previous.last_active_time.as_ref().map(|t| t.0),
+                    last_scale: previous.last_scale_time.as_ref().map(|t| t.0),
+                },
+            );
+            if let Some(o) = ctx.scalers.observation(&p.namespace, &p.name) {
+                observed.scaler = o.queue;
+                observed.scale_error = o.scale_error;
+            }
+        }
+        ScalingEngine::Keda => {
+            ctx.scalers.stop(&p.namespace, &p.name);
+            if previous.queue.is_some() {
+                // Left by the builtin scaler before a switch to KEDA.
+                clear_scaler_status(ctx, &p).await?;
+            }
+            observed.scaled_object =
+                Api::<ScaledObject>::namespaced(ctx.client.clone(), &p.namespace)
+                    .get_opt(&names::scaled_object(&p))
+                    .await
+                    .unwrap_or(None);
+        }
     }
-    status.replicas = Some(status::replicas(&observed));
-    status.conditions = status::conditions(&p, &observed, &previous.conditions, &now);
+    let status = ClipProcessorStatus {
+        observed_generation: p.generation,
+        replicas: Some(status::replicas(&observed)),
+        conditions: status::conditions(&p, &observed, &previous.conditions, &now),
+        ..Default::default()
+    };
     record_conditions(ctx, &p, &status.conditions);
     publish_transitions(ctx, &cp, &previous.conditions, &status.conditions).await;
     if let Err(e) = patch_status(ctx, &cp, &previous, status).await {
-        if p.engine != ScalingEngine::Builtin {
-            return Err(e.into());
-        }
-        // The builtin scaler keeps following the queue while status cannot be written: no
-        // backoff (up to 5 minutes) for it; the next tick writes the status again.
         count_refused(ctx, Child::Status);
-        tracing::warn!(processor = %key(&cp), "cannot write status (scaling goes on): {}", status::describe_kube(&e));
+        return Err(e.into());
     }
+    Ok(Action::requeue(RESYNC))
+}
 
-    let poll = Duration::from_secs(p.spec.scaling.polling_interval_seconds.max(1) as u64);
-    Ok(Action::requeue(match p.engine {
-        ScalingEngine::Builtin => poll,
-        ScalingEngine::Keda => Duration::from_secs(60),
-    }))
+fn ns_of(cp: &ClipProcessor) -> String {
+    cp.namespace().unwrap_or_default()
+}
+
+/// Removes the builtin scaler's status fields (an apply of none under its field manager).
+async fn clear_scaler_status(ctx: &Context, p: &ValidatedProcessor) -> Result<(), kube::Error> {
+    let api: Api<ClipProcessor> = Api::namespaced(ctx.client.clone(), &p.namespace);
+    let body = json!({"apiVersion": ClipProcessor::api_version(&()), "kind": ClipProcessor::kind(&()), "status": {}});
+    api.patch_status(
+        &p.name,
+        &PatchParams::apply(runner::FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Applies every child, recording what came back (their status) and what failed. The children
@@ -500,118 +610,6 @@ fn keep<K: Resource>(child: &Option<K>) -> Vec<String> {
     child.iter().map(|c| c.name_any()).collect()
 }
 
-/// One builtin-scaler tick: read the queue, decide, set the Deployment's scale.
-async fn scale_tick(
-    ctx: &Context,
-    cp: &ClipProcessor,
-    p: &ValidatedProcessor,
-    o: &mut Observed,
-    status: &mut ClipProcessorStatus,
-) {
-    let labels = ProcessorLabels {
-        namespace: p.namespace.clone(),
-        name: p.name.clone(),
-    };
-    let depth = match ctx.queues.depth(&p.region, &p.spec.source.queue_url).await {
-        Ok(d) => d,
-        Err(e) => {
-            o.scaler = Some(ScalerObservation::Failed(e));
-            return;
-        }
-    };
-    o.scaler = Some(ScalerObservation::Read {
-        visible: depth.visible,
-        in_flight: depth.in_flight,
-    });
-    let now = Timestamp::now();
-    for (state, v) in [("visible", depth.visible), ("in_flight", depth.in_flight)] {
-        let l = QueueLabels {
-            namespace: p.namespace.clone(),
-            name: p.name.clone(),
-            state: state.into(),
-        };
-        ctx.metrics.queue_messages.get_or_create(&l).set(v as i64);
-    }
-    status.queue = Some(QueueStatus {
-        visible: depth.visible as i64,
-        in_flight: depth.in_flight as i64,
-        read_at: Time(now),
-    });
-    if depth.visible + depth.in_flight > 0 {
-        status.last_active_time = Some(Time(now));
-    }
-    let warmed = status::cache_warmed(p, o);
-    let Some(deployment) = o.deployment.as_mut() else {
-        return;
-    };
-    let current = deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(0);
-    // After an operator restart the cooldown counts from the last activity recorded in status.
-    let last_active = status.last_active_time.as_ref().map(|t| t.0);
-    let input = ScaleInput::from_spec(
-        &p.spec.scaling,
-        depth.visible,
-        depth.in_flight,
-        current,
-        now,
-        last_active,
-    );
-    let decision = {
-        let mut histories = ctx.histories.lock().unwrap_or_else(|e| e.into_inner());
-        scaler::decide(&input, histories.entry(key(cp)).or_default())
-    };
-    ctx.metrics
-        .desired_replicas
-        .get_or_create(&labels)
-        .set(i64::from(decision.desired));
-    if decision.desired == current {
-        return;
-    }
-    // Workers start once the shared cache holds the weights: a GPU node started earlier would
-    // only wait for the download, and every worker would queue on the download lock.
-    if decision.desired > current && !warmed {
-        tracing::info!(processor = %key(cp), "holding {current} workers until the cache-warm Job has filled the model cache ({} messages waiting)", depth.visible);
-        return;
-    }
-    match apply::scale(
-        &ctx.client,
-        &p.namespace,
-        &names::worker(p),
-        decision.desired,
-    )
-    .await
-    {
-        Ok(()) => {
-            if let Some(spec) = deployment.spec.as_mut() {
-                spec.replicas = Some(decision.desired);
-            }
-            status.last_scale_time = Some(Time(now));
-            let reason = decision.reason.as_str();
-            ctx.metrics
-                .decisions
-                .get_or_create(&DecisionLabels {
-                    namespace: p.namespace.clone(),
-                    name: p.name.clone(),
-                    reason: reason.into(),
-                })
-                .inc();
-            let note = format!(
-                "workers {current} -> {} ({} messages waiting, {} in flight)",
-                decision.desired, depth.visible, depth.in_flight
-            );
-            tracing::info!(processor = %key(cp), "{reason}: {note}");
-            event(ctx, cp, EventType::Normal, reason, "Scale", note).await;
-        }
-        Err(e) => {
-            count_refused(ctx, Child::Scale);
-            o.apply_errors.push(ApplyError::new(Child::Scale, e));
-        }
-    }
-}
-
 fn record_conditions(ctx: &Context, p: &ValidatedProcessor, conditions: &[Condition]) {
     for c in conditions {
         let l = ConditionLabels {
@@ -696,14 +694,22 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
-/// Writes status (server-side apply on the status subresource) when it changed.
+/// Writes reconcile's part of status (server-side apply on the status subresource) when it
+/// changed; `queue`, `lastActiveTime` and `lastScaleTime` belong to the scaler's field manager.
 async fn patch_status(
     ctx: &Context,
     cp: &ClipProcessor,
     previous: &ClipProcessorStatus,
     status: ClipProcessorStatus,
 ) -> Result<(), kube::Error> {
-    if &status == previous {
+    let own = |s: &ClipProcessorStatus| {
+        (
+            s.observed_generation,
+            s.conditions.clone(),
+            s.replicas.clone(),
+        )
+    };
+    if own(&status) == own(previous) {
         return Ok(());
     }
     let api: Api<ClipProcessor> =
@@ -734,10 +740,7 @@ async fn cleanup(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error>
     let pv: Api<PersistentVolume> = Api::all(ctx.client.clone());
     pv.delete_collection(&DeleteParams::background(), &lp)
         .await?;
-    ctx.histories
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&key(&cp));
+    ctx.scalers.stop(&ns, &name);
     ctx.swept
         .lock()
         .unwrap_or_else(|e| e.into_inner())

@@ -16,14 +16,8 @@ use crate::crd::{ComputeDevice, Provisioner, ReplicaStatus, ScalingEngine};
 use crate::external::karpenter::NodePool;
 use crate::external::keda_scaled_object::ScaledObject;
 
-/// What the builtin scaler saw on its last tick.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ScalerObservation {
-    /// Queue read; the decision's desired replicas.
-    Read { visible: u64, in_flight: u64 },
-    /// The queue could not be read.
-    Failed(String),
-}
+pub use crate::scaler::runner::QueueRead;
+use crate::scaler::runner::ScalerError;
 
 /// What was observed of the children this reconcile.
 #[derive(Debug, Clone, Default)]
@@ -33,7 +27,10 @@ pub struct Observed {
     pub cache_job: Option<Job>,
     pub node_pool: Option<NodePool>,
     pub scaled_object: Option<ScaledObject>,
-    pub scaler: Option<ScalerObservation>,
+    /// The builtin scaler's last queue read (`None` before the first).
+    pub scaler: Option<QueueRead>,
+    /// The builtin scaler's last write to `deployments/scale` failed.
+    pub scale_error: Option<ScalerError>,
     /// Children that could not be applied (or scaled, or swept), with the reason.
     pub apply_errors: Vec<ApplyError>,
 }
@@ -268,12 +265,15 @@ fn scaler_ready(p: &ValidatedProcessor, o: &Observed) -> Cond {
     const T: &str = "ScalerReady";
     match p.engine {
         ScalingEngine::Builtin => match &o.scaler {
-            Some(ScalerObservation::Read { visible, in_flight }) => yes(
+            Some(QueueRead::Readable) => yes(
                 T,
                 "QueueReadable",
-                format!("{visible} messages waiting, {in_flight} in flight"),
+                format!(
+                    "the queue is read every {} s (its depth is in status.queue)",
+                    p.spec.scaling.polling_interval_seconds.max(1)
+                ),
             ),
-            Some(ScalerObservation::Failed(e)) => no(T, "QueueUnreadable", e.clone()),
+            Some(QueueRead::Unreadable(e)) => no(T, "QueueUnreadable", e.clone()),
             None => unknown(T, "Pending", "the queue has not been read yet"),
         },
         ScalingEngine::Keda => {
@@ -398,6 +398,9 @@ pub fn conditions(
         workers_available(o),
     ];
     let mut problems: Vec<String> = o.apply_errors.iter().map(|e| e.to_string()).collect();
+    if let Some(e) = &o.scale_error {
+        problems.push(format!("{}: {e}", Child::Scale.describe()));
+    }
     for c in &subs {
         if !c.status && !c.unknown && matches!(c.reason.as_str(), "WarmFailed" | "QueueUnreadable")
         {
@@ -413,7 +416,7 @@ pub fn conditions(
     let degraded = if problems.is_empty() {
         no("Degraded", "AsExpected", "no problems")
     } else {
-        let reason = if !o.apply_errors.is_empty() {
+        let reason = if !o.apply_errors.is_empty() || o.scale_error.is_some() {
             "ApplyFailed"
         } else {
             "ChildFailed"
@@ -562,10 +565,7 @@ mod tests {
         let o = Observed {
             deployment: Some(deployment(0, 0)),
             node_pool: Some(ready_nodepool()),
-            scaler: Some(ScalerObservation::Read {
-                visible: 0,
-                in_flight: 0,
-            }),
+            scaler: Some(QueueRead::Readable),
             ..Default::default()
         };
         let c = conditions(&p, &o, &[], &now());
@@ -591,10 +591,7 @@ mod tests {
                 ..Default::default()
             }),
             node_pool: Some(ready_nodepool()),
-            scaler: Some(ScalerObservation::Read {
-                visible: 30,
-                in_flight: 0,
-            }),
+            scaler: Some(QueueRead::Readable),
             ..Default::default()
         };
         let c = conditions(&p, &o, &[], &now());
@@ -629,7 +626,7 @@ mod tests {
             deployment: Some(deployment(0, 0)),
             cache_job: Some(failed_job),
             node_pool: Some(ready_nodepool()),
-            scaler: Some(ScalerObservation::Failed(
+            scaler: Some(QueueRead::Unreadable(
                 "GetQueueAttributes: AccessDenied".into(),
             )),
             ..Default::default()
@@ -669,10 +666,7 @@ mod tests {
         let again = conditions(&p, &o, &first, &later);
         assert_eq!(first, again, "nothing changed, nothing moves");
         let o2 = Observed {
-            scaler: Some(ScalerObservation::Read {
-                visible: 0,
-                in_flight: 0,
-            }),
+            scaler: Some(QueueRead::Readable),
             ..o
         };
         let third = conditions(&p, &o2, &again, &later);

@@ -82,6 +82,19 @@ fn exists(fake: &FakeApi, fragment: &str) -> bool {
     fake.paths().iter().any(|p| p.contains(fragment))
 }
 
+/// Waits (real time, at most 20 s) until `what` holds; the scaler loop runs beside the test.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn replicas(fake: &FakeApi) -> Value {
+    fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"].clone()
+}
+
 #[tokio::test]
 async fn create_applies_every_child_and_reports_status() {
     let (fake, ctx) = setup(
@@ -160,7 +173,7 @@ async fn create_applies_every_child_and_reports_status() {
     }
     assert_eq!(condition(&fake, "CacheReady")["reason"], "Warming");
     assert_eq!(status["replicas"]["summary"], "0/0");
-    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+    assert_eq!(action, Action::requeue(super::RESYNC));
 }
 
 #[tokio::test]
@@ -211,6 +224,10 @@ async fn switching_engines_removes_what_no_longer_applies() {
     cp["spec"]["compute"] = json!({"nodePool": {"provisioner": "none"}});
     fake.insert(CP, cp);
     reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(
+        ctx.scalers.is_running("media", "photos"),
+        "the scaler loop started"
+    );
     assert!(!exists(&fake, "/scaledobjects/"), "ScaledObject removed");
     assert!(
         !exists(&fake, "/triggerauthentications/"),
@@ -220,13 +237,28 @@ async fn switching_engines_removes_what_no_longer_applies() {
         !exists(&fake, "/nodepools/"),
         "NodePool removed with provisioner none"
     );
-    // The builtin scaler now reads the queue; here it cannot, and the status says so.
+    // The builtin scaler now reads the queue; here it cannot, and (at the reconcile it asks
+    // for) the status says so.
+    eventually("the scaler's first read", || {
+        ctx.scalers
+            .observation("media", "photos")
+            .is_some_and(|o| o.queue.is_some())
+    })
+    .await;
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
     let scaler = condition(&fake, "ScalerReady");
     assert_eq!(
         (scaler["status"].as_str(), scaler["reason"].as_str()),
         (Some("False"), Some("QueueUnreadable"))
     );
     assert_eq!(condition(&fake, "Degraded")["status"], "True");
+
+    // And back to KEDA: the loop stops.
+    let mut cp = fake.get(CP).unwrap();
+    cp["spec"]["scaling"]["engine"] = json!("keda");
+    fake.insert(CP, cp);
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(!ctx.scalers.is_running("media", "photos"));
 }
 
 /// Label-selected list requests: the orphan sweep's.
@@ -434,7 +466,7 @@ async fn the_builtin_scaler_follows_a_real_queue() {
         CP,
         manifest(json!({
             "source": {"queueUrl": "https://sqs.us-east-1.amazonaws.com/123456789012/clip-input"},
-            "scaling": {"engine": "builtin", "cooldownSeconds": 2, "messagesPerInstance": 10},
+            "scaling": {"engine": "builtin", "cooldownSeconds": 2, "messagesPerInstance": 10, "pollingIntervalSeconds": 1},
             "compute": {"nodePool": {"provisioner": "none"}},
             "modelCache": {"claimName": "weights", "none": null}
         })),
@@ -449,44 +481,53 @@ async fn the_builtin_scaler_follows_a_real_queue() {
     let action = converge(&fake, &ctx).await;
     assert_eq!(
         action,
-        Action::requeue(Duration::from_secs(15)),
-        "polls every pollingIntervalSeconds"
+        Action::requeue(super::RESYNC),
+        "the scaler polls in its own loop: reconcile only resyncs"
     );
-    // Messages wait, but the cache-warm Job has not filled the shared cache: no workers yet.
-    assert_eq!(fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"], 0);
+    // Messages wait (the loop wrote what it read), but the cache-warm Job has not filled the
+    // shared cache: no workers yet.
+    eventually("status.queue from the scaler", || {
+        fake.get(CP).unwrap()["status"]["queue"]["visible"] == 25
+    })
+    .await;
+    assert_eq!(replicas(&fake), 0);
     assert_eq!(condition(&fake, "CacheReady")["status"], "False");
     let mut job = fake.get(JOB).expect("the cache-warm Job");
     job["status"] = json!({"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]});
     fake.insert(JOB, job);
+    // The Job's change starts a reconcile, which tells the loop: 25 messages, 10 per worker,
+    // 3 workers, set through the scale subresource.
     reconcile(current(&fake), ctx.clone()).await.unwrap();
-    // 25 messages, 10 per worker: 3 workers, set through the scale subresource.
-    assert_eq!(fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"], 3);
-    assert!(
-        fake.seen()
-            .iter()
-            .any(|s| s.method == Method::PATCH && s.path.ends_with("/photos-worker/scale"))
-    );
+    eventually("3 workers", || replicas(&fake) == 3).await;
+    assert!(fake.seen().iter().any(|s| s.method == Method::PATCH
+        && s.path.ends_with("/photos-worker/scale")
+        && s.query.contains("fieldManager=clip-operator-scaler")));
+    eventually("lastScaleTime", || {
+        fake.get(CP).unwrap()["status"]["lastScaleTime"].is_string()
+    })
+    .await;
     let status = fake.get(CP).unwrap()["status"].clone();
     assert_eq!(status["queue"]["visible"], 25);
-    assert!(status["lastScaleTime"].is_string() && status["lastActiveTime"].is_string());
+    assert!(status["lastActiveTime"].is_string());
+    // The Deployment's change starts a reconcile: replicas and conditions.
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
     assert_eq!(condition(&fake, "ScalerReady")["reason"], "QueueReadable");
+    let status = fake.get(CP).unwrap()["status"].clone();
     assert_eq!(status["replicas"]["desired"], 3);
+    assert!(
+        status["queue"].is_object(),
+        "reconcile's status write leaves the scaler's fields alone"
+    );
 
     // Drained: the workers stay through the cooldown, then go to zero.
+    let drained = std::time::Instant::now();
     sqs.purge_queue().queue_url(&queue).send().await.unwrap();
-    reconcile(current(&fake), ctx.clone()).await.unwrap();
-    assert_eq!(
-        fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"],
-        3,
-        "cooldown holds"
+    eventually("to zero after the cooldown", || replicas(&fake) == 0).await;
+    assert!(
+        drained.elapsed() >= Duration::from_secs(1),
+        "the 2 s cooldown (from the last non-empty read, at most 1 s before the purge) held the workers"
     );
-    tokio::time::sleep(Duration::from_millis(2100)).await;
     reconcile(current(&fake), ctx.clone()).await.unwrap();
-    assert_eq!(
-        fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"],
-        0,
-        "to zero after the cooldown"
-    );
     assert_eq!(
         condition(&fake, "WorkersAvailable")["reason"],
         "ScaledToZero"
@@ -567,7 +608,7 @@ async fn the_builtin_scaler_keeps_scaling_while_status_writes_are_refused() {
         CP,
         manifest(json!({
             "source": {"queueUrl": "https://sqs.us-east-1.amazonaws.com/123456789012/clip-input"},
-            "scaling": {"engine": "builtin", "messagesPerInstance": 10, "pollingIntervalSeconds": 15},
+            "scaling": {"engine": "builtin", "messagesPerInstance": 10, "pollingIntervalSeconds": 1},
             "compute": {"nodePool": {"provisioner": "none"}},
             "modelCache": {"none": true, "efs": null}
         })),
@@ -586,33 +627,35 @@ async fn the_builtin_scaler_keeps_scaling_while_status_writes_are_refused() {
         403,
         "Forbidden",
     );
-    for _ in 0..2 {
-        sqs.send_message()
-            .queue_url(&queue)
-            .message_body("{}")
-            .send()
-            .await
-            .unwrap();
-    }
-    // No error, no backoff: the next tick comes at the polling interval...
-    let action = reconcile(current(&fake), ctx.clone()).await.unwrap();
-    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
-    // ... and the queue was followed all the same.
-    assert_eq!(fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"], 1);
-    for _ in 0..20 {
-        sqs.send_message()
-            .queue_url(&queue)
-            .message_body("{}")
-            .send()
-            .await
-            .unwrap();
-    }
-    reconcile(current(&fake), ctx.clone()).await.unwrap();
-    assert_eq!(fake.get(DEPLOYMENT).unwrap()["spec"]["replicas"], 3);
+    let send = |n: usize| {
+        let (sqs, queue) = (sqs.clone(), queue.clone());
+        async move {
+            for _ in 0..n {
+                sqs.send_message()
+                    .queue_url(&queue)
+                    .message_body("{}")
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    send(2).await;
+    eventually("1 worker", || replicas(&fake) == 1).await;
+    // Reconcile's own status write fails and backs off; the scaler's loop does not wait for it.
+    let err = reconcile(current(&fake), ctx.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    send(20).await;
+    eventually("3 workers", || replicas(&fake) == 3).await;
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &ctx.metrics.registry).unwrap();
+    let refused: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"clip_operator_apply_failures_total{child="Status"} "#))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     assert!(
-        text.contains(r#"clip_operator_apply_failures_total{child="Status"} 2"#),
-        "{text}"
+        refused >= 3,
+        "the scaler's and reconcile's refused writes are counted: {refused}\n{text}"
     );
 }

@@ -13,7 +13,9 @@
 //! HPA scales up on its next sync); the stabilisation window is `min(cooldownSeconds, 300)`, and
 //! the operator emits the same window in the ScaledObject of the keda engine.
 
+pub mod runner;
 pub mod sqs;
+pub mod target;
 
 use std::collections::VecDeque;
 

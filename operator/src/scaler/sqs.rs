@@ -4,9 +4,16 @@
 
 use std::collections::HashMap;
 
+use std::time::Duration;
+
 use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
 use aws_sdk_sqs::types::QueueAttributeName;
+use futures::future::BoxFuture;
 use tokio::sync::Mutex;
+
+use super::runner::{QueueDepths, ScalerError};
 
 /// Visible and in-flight message counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +56,16 @@ impl QueueReader {
             return c.clone();
         }
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            // A read is small: retried with backoff inside the call, and bounded, so one slow
+            // queue cannot hold its processor's loop past a few polling intervals.
+            .retry_config(RetryConfig::standard().with_max_attempts(3))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .operation_attempt_timeout(Duration::from_secs(5))
+                    .operation_timeout(Duration::from_secs(20))
+                    .build(),
+            )
             .region(aws_config::Region::new(region.to_string()));
         if let Some(e) = &self.endpoint {
             loader = loader.endpoint_url(e);
@@ -92,6 +109,20 @@ impl QueueReader {
         Ok(QueueDepth {
             visible: count(QueueAttributeName::ApproximateNumberOfMessages)?,
             in_flight: count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)?,
+        })
+    }
+}
+
+impl QueueDepths for QueueReader {
+    fn depth<'a>(
+        &'a self,
+        region: &'a str,
+        queue_url: &'a str,
+    ) -> BoxFuture<'a, Result<QueueDepth, ScalerError>> {
+        Box::pin(async move {
+            QueueReader::depth(self, region, queue_url)
+                .await
+                .map_err(ScalerError::Queue)
         })
     }
 }

@@ -110,7 +110,20 @@ impl ControlPlane {
             format!("{token},admin,admin,system:masters\n"),
         )
         .unwrap();
+        // Every request at Metadata level: who did what to which resource, for tests that count
+        // the operator's requests.
+        std::fs::write(
+            dir.join("audit-policy.yaml"),
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n",
+        )
+        .unwrap();
         let apiserver = Command::new(bin.join("kube-apiserver"))
+            .args([
+                "--audit-policy-file",
+                dir.join("audit-policy.yaml").to_str().unwrap(),
+                "--audit-log-path",
+                dir.join("audit.log").to_str().unwrap(),
+            ])
             .args(["--etcd-servers", &format!("http://127.0.0.1:{etcd_port}")])
             .args([
                 "--secure-port",
@@ -159,6 +172,15 @@ impl ControlPlane {
             cp.kubectl(&["get", "--raw", "/readyz"]).status.success()
         });
         cp
+    }
+
+    /// The audit log: one JSON event per request (Metadata level, ResponseComplete stage).
+    pub fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Runs kubectl against this control plane.
