@@ -18,7 +18,7 @@ export CLIP_FIXTURES := $(FIXTURES)
 CARGO ?= cargo
 CARGO_FLAGS := --release --locked
 
-.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo demo-worker bench bench-images crd dashboard clean images cluster-up cluster-down node-components keda prebuild e2e
+.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo demo-worker bench bench-images bench-operator crd dashboard clean images cluster-up cluster-down node-components keda prebuild e2e
 
 help:
 	@echo "make test    build everything and run every test (what CI runs; root + docker)"
@@ -28,6 +28,7 @@ help:
 	@echo "make cluster-up / cluster-down   the single-node cluster built from source"
 	@echo "make e2e     the chart and the images on that cluster: cache warm, 0 -> N -> 0, faults"
 	@echo "make bench   throughput vs the Python reference; see BENCHMARKS.md"
+	@echo "make bench-operator   1,000 processors on a real API server: readiness, scale latency, cost at rest"
 	@echo "make lint    cargo fmt --check + clippy -D warnings"
 	@echo "make crd     regenerate crds/ from the Rust types"
 	@echo "make envtest the operator against a real kube-apiserver + etcd (built from Go modules)"
@@ -146,6 +147,11 @@ demo-worker: build fixtures
 
 bench: build fixtures
 	$(PY) tests/bench/bench.py --worker target/release/clip-worker --fixtures $(FIXTURES)
+
+# One operator, 1,000 processors in 50 namespaces, on the real kube-apiserver + etcd and moto
+# (about 15 minutes; figures in BENCHMARKS.md).
+bench-operator: build-operator control-plane kube-tools venv
+	$(PY) tests/bench/operator_scale.py $(BENCH_OPERATOR_ARGS)
 
 # Image layers: sizes uncompressed and gzip, and which layers a rebuild re-ships.
 bench-images: images
