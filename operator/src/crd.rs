@@ -68,6 +68,11 @@ pub struct ClipProcessorSpec {
     /// Worker container settings.
     #[serde(default)]
     pub worker: WorkerSpec,
+    /// Stop the processor without deleting it: no workers, the queue is not read (its messages
+    /// wait), the NodePool's limits drop to zero; the children, the model cache and the vectors
+    /// stay. Reported by the `Suspended` condition (and as Suspended in Argo CD).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
 }
 
 fn default_true() -> bool {

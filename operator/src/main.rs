@@ -76,6 +76,7 @@ impl SettingsArgs {
             worker_image: self.worker_image.clone().unwrap_or(d.worker_image),
             image_pull_policy: self.worker_image_pull_policy.clone(),
             aws_endpoint_url: self.worker_aws_endpoint_url.clone(),
+            ..d
         }
     }
 }
@@ -99,6 +100,10 @@ struct RunArgs {
     /// Lease duration in seconds.
     #[arg(long, env = "LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=3600))]
     lease_seconds: u64,
+    /// How often each processor is reconciled when nothing changed (children nobody watches
+    /// are put back then).
+    #[arg(long, env = "RESYNC_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=86400))]
+    resync_seconds: u64,
 }
 
 fn main() -> ExitCode {
@@ -229,9 +234,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (mut leader, lease_task) = manager.watch().await;
     started.store(true, Ordering::Relaxed);
     tracing::info!(identity = %identity, lease = %format!("{namespace}/{}", args.lease_name), "waiting for the leader lease");
+    let settings = OperatorSettings {
+        resync: std::time::Duration::from_secs(args.resync_seconds),
+        ..args.settings.settings()
+    };
     let ctx = Context::new(
         client,
-        args.settings.settings(),
+        settings,
         metrics.clone(),
         Some(identity),
         QueueReader::new(None),

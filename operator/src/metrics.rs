@@ -151,6 +151,7 @@ impl Metrics {
             "NodePoolReady",
             "ScalerReady",
             "WorkersAvailable",
+            "Suspended",
         ] {
             self.condition.remove(&ConditionLabels {
                 namespace: namespace.into(),

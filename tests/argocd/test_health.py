@@ -64,7 +64,21 @@ def test_argocd_health_test_cases(case, lua):
 
 
 def test_the_cases_cover_every_health_argo_cd_shows():
-    assert {c["healthStatus"]["status"] for c in CASES} == {"Healthy", "Progressing", "Degraded"}
+    assert {c["healthStatus"]["status"] for c in CASES} == {"Healthy", "Progressing", "Degraded", "Suspended"}
+
+
+def test_a_suspended_processor_is_suspended_not_degraded_or_progressing(lua):
+    msg = "spec.suspend is true: no workers, the queue is not read, the NodePool allows no nodes"
+    conds = with_(SCALED_TO_ZERO, Ready={"status": "False", "reason": "Suspended", "message": msg}) + [
+        cond("Suspended", "True", "Suspended", msg)]
+    assert health(processor(conds), lua) == ("Suspended", msg)
+    # Resumed: the operator reports Suspended False, and the processor is healthy again.
+    resumed = SCALED_TO_ZERO + [cond("Suspended", "False", "Active", "the scaler follows the queue")]
+    assert health(processor(resumed), lua) == ("Healthy", "the processor is ready")
+    # A Suspended condition from an older generation does not hide the new one's progress.
+    stale = with_(SCALED_TO_ZERO, Ready={"status": "False", "reason": "Suspended", "message": msg}) + [
+        cond("Suspended", "True", "Suspended", msg, gen=1)]
+    assert health(processor(stale), lua)[0] != "Suspended"
 
 
 def test_ready_for_the_current_generation_is_healthy_even_at_zero_workers(lua):

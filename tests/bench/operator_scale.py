@@ -125,7 +125,8 @@ class Rig:
 
     def start_operator(self) -> subprocess.Popen:
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), AWS_ENDPOINT_URL=self.moto,
-                   AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", LOG_LEVEL="warn")
+                   AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", LOG_LEVEL="info,kube=warn",
+                   RESYNC_SECONDS=str(getattr(self, "resync", 300)))
         self.operator = self.spawn("operator", [ROOT / "target/release/clip-operator", "run",
                                                 "--metrics-port", str(self.metrics_port), "--identity", "bench"], env)
         return self.operator
@@ -259,20 +260,26 @@ def main() -> None:
     ap.add_argument("--namespaces", type=int, default=50)
     ap.add_argument("--rest", type=int, default=300, help="seconds at rest to count requests over")
     ap.add_argument("--trials", type=int, default=100)
+    ap.add_argument("--resync", type=int, default=300, help="the operator's --resync-seconds")
+    ap.add_argument("--keep", action="store_true", help="keep the logs and the audit log")
     ap.add_argument("--out", default=str(ROOT / "target/bench/operator.json"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="clip-bench-operator-"))
     rig = Rig(work)
+    rig.resync = args.resync
     try:
         run(rig, args)
     finally:
         rig.close()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            log(f"logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def run(rig: Rig, args) -> None:
     n, interval = args.processors, 15
-    results: dict = {"processors": n, "namespaces": args.namespaces, "polling_interval_s": interval,
+    results: dict = {"processors": n, "resync_s": args.resync, "namespaces": args.namespaces, "polling_interval_s": interval,
                      "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"}
     rig.kubectl("apply", "--server-side", "-f", str(ROOT / "crds/clipprocessors.lakechain.dev.yaml"))
     rig.kubectl("wait", "--for=condition=Established", "crd/clipprocessors.lakechain.dev", "--timeout=60s")

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -128,11 +129,12 @@ impl Context {
 
 /// Stops the scaler's loops when the controller stops (shutdown, or its future dropped when the
 /// lease is lost): only the leader scales.
-struct StopScalers(Arc<Context>);
+struct StopScalers(Arc<Context>, tokio::task::JoinHandle<()>);
 
 impl Drop for StopScalers {
     fn drop(&mut self) {
         self.0.scalers.stop_all();
+        self.1.abort();
     }
 }
 
@@ -160,16 +162,19 @@ pub async fn run(ctx: Arc<Context>) {
         .reflect(writer)
         .applied_objects()
         .predicate_filter(reconcile_trigger, Default::default());
-    // One cache of worker Deployments serves both the controller (owned children) and the
-    // scaler loops (current replicas, with no request per tick).
+    // The scaler loops read the current replicas from a cache of the worker Deployments (no
+    // request per tick). It is fed by its own task: the controller consumes its watches only as
+    // fast as it schedules reconciles, and a cache it fed lagged by tens of seconds under load
+    // (the scaler then saw its own scale-up undone and patched it again).
     let (deployments, deployments_writer) = reflector::store();
-    let deployment_changes = watcher(
+    let feed = watcher(
         Api::<Deployment>::all(client.clone()),
         watcher::Config::default().labels(build::LABEL_PROCESSOR),
     )
     .default_backoff()
     .reflect(deployments_writer)
-    .touched_objects();
+    .for_each(|_| futures::future::ready(()));
+    let feeder = tokio::spawn(feed);
     let (asks, asked) = mpsc::unbounded_channel::<(String, String)>();
     ctx.scalers.install(Env::new(
         ctx.queues.clone(),
@@ -181,13 +186,16 @@ pub async fn run(ctx: Arc<Context>) {
         ctx.metrics.clone(),
         asks,
     ));
-    let _stop = StopScalers(ctx.clone());
+    let _stop = StopScalers(ctx.clone(), feeder);
     let scaler_asks = futures::stream::unfold(asked, |mut rx| async move {
         let (ns, name) = rx.recv().await?;
         Some((ObjectRef::<ClipProcessor>::new(&name).within(&ns), rx))
     });
     Controller::for_stream(changes, reader)
-        .owns_stream(deployment_changes)
+        .owns(
+            Api::<Deployment>::all(client.clone()),
+            watcher::Config::default().labels(build::LABEL_PROCESSOR),
+        )
         .reconcile_on(scaler_asks)
         .owns(
             Api::<Job>::all(client.clone()),
@@ -329,6 +337,10 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
     }
 
     match p.engine {
+        ScalingEngine::Builtin if p.spec.suspend => {
+            ctx.scalers.stop(&p.namespace, &p.name);
+            suspend_workers(ctx, &p, &mut observed).await;
+        }
         ScalingEngine::Builtin => {
             // Start the processor's scaler loop, or hand it what changed; the scaler's
             // replicas come from the Deployment and its queue read from the loop.
@@ -336,7 +348,11 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
                 runner::Settings {
                     namespace: p.namespace.clone(),
                     name: p.name.clone(),
-                    reference: cp.object_ref(&()),
+                    reference: ObjectReference {
+                        // Not the resourceVersion: it moves with every status write.
+                        resource_version: None,
+                        ..cp.object_ref(&())
+                    },
                     region: p.region.clone(),
                     queue_url: p.spec.source.queue_url.clone(),
                     deployment: names::worker(&p),
@@ -378,7 +394,30 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
         count_refused(ctx, Child::Status);
         return Err(e.into());
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(ctx.settings.resync))
+}
+
+/// Suspended with the builtin engine: the workers go to zero (the scaler's loop is stopped).
+async fn suspend_workers(ctx: &Context, p: &ValidatedProcessor, o: &mut Observed) {
+    let Some(d) = o.deployment.as_mut() else {
+        return;
+    };
+    let current = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    if current == 0 {
+        return;
+    }
+    match apply::scale(&ctx.client, &p.namespace, &names::worker(p), 0).await {
+        Ok(()) => {
+            if let Some(spec) = d.spec.as_mut() {
+                spec.replicas = Some(0);
+            }
+            tracing::info!(processor = %format!("{}/{}", p.namespace, p.name), "suspended: workers {current} -> 0");
+        }
+        Err(e) => {
+            count_refused(ctx, Child::Scale);
+            o.scale_error = Some(runner::ScalerError::Scale(status::describe_kube(&e)));
+        }
+    }
 }
 
 fn ns_of(cp: &ClipProcessor) -> String {
@@ -479,8 +518,9 @@ async fn apply_children(
     }
     if let Some(mut so) = scaled_object {
         // KEDA holds the workers at zero until the Job just applied reports the cache full.
+        // Suspended: held at zero the same way.
         let warmed = !p.cache.shared() || job.as_ref().is_some_and(status::job_complete);
-        build::keda::hold_until_warm(&mut so, warmed);
+        build::keda::hold_until_warm(&mut so, warmed && !p.spec.suspend);
         try_apply!(
             Child::ScaledObject,
             apply::apply_owned::<ScaledObject>(client, ns, so, owner)

@@ -111,6 +111,9 @@ pub fn describe_kube(e: &kube::Error) -> String {
     }
 }
 
+const SUSPENDED: &str =
+    "spec.suspend is true: no workers, the queue is not read, the NodePool allows no nodes";
+
 /// One condition before bookkeeping.
 #[derive(Debug, Clone, PartialEq)]
 struct Cond {
@@ -265,6 +268,7 @@ fn scaler_ready(p: &ValidatedProcessor, o: &Observed) -> Cond {
     const T: &str = "ScalerReady";
     match p.engine {
         ScalingEngine::Builtin => match &o.scaler {
+            _ if p.spec.suspend => yes(T, "Suspended", SUSPENDED),
             Some(QueueRead::Readable) => yes(
                 T,
                 "QueueReadable",
@@ -276,6 +280,7 @@ fn scaler_ready(p: &ValidatedProcessor, o: &Observed) -> Cond {
             Some(QueueRead::Unreadable(e)) => no(T, "QueueUnreadable", e.clone()),
             None => unknown(T, "Pending", "the queue has not been read yet"),
         },
+        ScalingEngine::Keda if p.spec.suspend => yes(T, "Suspended", SUSPENDED),
         ScalingEngine::Keda => {
             let Some(so) = &o.scaled_object else {
                 return unknown(T, "Pending", "the ScaledObject is being created");
@@ -444,8 +449,14 @@ pub fn conditions(
     } else {
         yes("Progressing", "Reconciling", progress.join("; "))
     };
+    let suspended = if p.spec.suspend {
+        yes("Suspended", "Suspended", SUSPENDED)
+    } else {
+        no("Suspended", "Active", "the scaler follows the queue")
+    };
     let ready = match subs.iter().find(|c| !c.status) {
         _ if degraded.status => no("Ready", "Degraded", degraded.message.clone()),
+        _ if suspended.status => no("Ready", "Suspended", SUSPENDED),
         Some(c) => Cond {
             type_: "Ready",
             status: false,
@@ -458,6 +469,7 @@ pub fn conditions(
     let all: Vec<Cond> = [ready, progressing, degraded]
         .into_iter()
         .chain(subs)
+        .chain([suspended])
         .collect();
     finish(all, p.generation, previous, now)
 }

@@ -659,3 +659,66 @@ async fn the_builtin_scaler_keeps_scaling_while_status_writes_are_refused() {
         "the scaler's and reconcile's refused writes are counted: {refused}\n{text}"
     );
 }
+
+fn node_pool_gpus(fake: &FakeApi) -> Value {
+    let path = fake
+        .paths()
+        .into_iter()
+        .find(|p| p.contains("/nodepools/"))
+        .expect("the NodePool");
+    fake.get(&path).unwrap()["spec"]["limits"]["nvidia.com/gpu"].clone()
+}
+
+fn set_spec(fake: &FakeApi, generation: i64, f: impl FnOnce(&mut Value)) {
+    let mut cp = fake.get(CP).unwrap();
+    f(&mut cp["spec"]);
+    cp["metadata"]["generation"] = json!(generation);
+    fake.insert(CP, cp);
+}
+
+#[tokio::test]
+async fn suspend_stops_the_scaler_scales_to_zero_and_closes_the_node_pool() {
+    let (fake, ctx) = setup(json!({"scaling": {"engine": "builtin"}}));
+    converge(&fake, &ctx).await;
+    assert!(ctx.scalers.is_running("media", "photos"));
+    assert_eq!(node_pool_gpus(&fake), "5");
+    let mut d = fake.get(DEPLOYMENT).unwrap();
+    d["spec"]["replicas"] = json!(3);
+    fake.insert(DEPLOYMENT, d);
+
+    set_spec(&fake, 2, |s| s["suspend"] = json!(true));
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(
+        !ctx.scalers.is_running("media", "photos"),
+        "a suspended processor's queue is not read"
+    );
+    assert_eq!(replicas(&fake), 0, "workers scaled to zero");
+    assert_eq!(node_pool_gpus(&fake), "0", "no room for a GPU node");
+    assert_eq!(condition(&fake, "Suspended")["status"], "True");
+    assert_eq!(condition(&fake, "Ready")["reason"], "Suspended");
+    assert_eq!(condition(&fake, "ScalerReady")["reason"], "Suspended");
+    assert_eq!(condition(&fake, "Degraded")["status"], "False");
+    assert!(exists(&fake, DEPLOYMENT), "the children stay");
+
+    set_spec(&fake, 3, |s| s["suspend"] = json!(false));
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(ctx.scalers.is_running("media", "photos"), "resumed");
+    assert_eq!(node_pool_gpus(&fake), "5");
+    assert_eq!(condition(&fake, "Suspended")["status"], "False");
+}
+
+#[tokio::test]
+async fn suspend_with_keda_pauses_the_scaled_object_at_zero() {
+    const SO: &str = "/apis/keda.sh/v1alpha1/namespaces/media/scaledobjects/photos";
+    let (fake, ctx) = setup(json!({}));
+    converge(&fake, &ctx).await;
+    let paused = |fake: &FakeApi| {
+        fake.get(SO).unwrap()["metadata"]["annotations"]["autoscaling.keda.sh/paused-replicas"]
+            .clone()
+    };
+    assert_eq!(paused(&fake), Value::Null);
+    set_spec(&fake, 2, |s| s["suspend"] = json!(true));
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert_eq!(paused(&fake), "0");
+    assert_eq!(condition(&fake, "Suspended")["status"], "True");
+}

@@ -39,11 +39,14 @@ pub struct OperatorSettings {
     pub image_pull_policy: Option<String>,
     /// `AWS_ENDPOINT_URL` passed to workers (tests and private endpoints); usually unset.
     pub aws_endpoint_url: Option<String>,
+    /// How often a processor is reconciled when nothing changed.
+    pub resync: std::time::Duration,
 }
 
 impl Default for OperatorSettings {
     fn default() -> Self {
         OperatorSettings {
+            resync: super::RESYNC,
             worker_image: format!(
                 "ghcr.io/clip-operator/clip-worker:{}",
                 env!("CARGO_PKG_VERSION")

@@ -58,7 +58,12 @@ fn requirement(key: &str, values: Vec<String>) -> NodePoolTemplateSpecRequiremen
 /// The processor's GPU node pool.
 pub fn node_pool(p: &ValidatedProcessor) -> NodePool {
     let c = &p.spec.compute;
-    let max = i64::from(p.spec.scaling.max_instances);
+    // Suspended: no room for a node, so nothing starts one.
+    let max = if p.spec.suspend {
+        0
+    } else {
+        i64::from(p.spec.scaling.max_instances)
+    };
     let mut limits = BTreeMap::from([(
         "nvidia.com/gpu".to_string(),
         IntOrString::String((max * i64::from(c.gpus_per_instance)).to_string()),

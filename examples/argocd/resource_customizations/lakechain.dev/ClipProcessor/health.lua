@@ -2,6 +2,7 @@
 -- Healthy:     Ready is True for the current generation (including scaled to zero).
 -- Progressing: no status yet, a generation the operator has not observed, deletion in progress,
 --              or Progressing True (cache warming, workers starting from zero, ...).
+-- Suspended:   Suspended is True (spec.suspend: no workers, the queue is not read).
 -- Degraded:    Degraded is True; the message is the condition's.
 -- Written for gopher-lua (Lua 5.1), the interpreter Argo CD embeds.
 local hs = {}
@@ -49,6 +50,14 @@ end
 if generation ~= nil and (obj.status.observedGeneration == nil or obj.status.observedGeneration < generation) then
   hs.status = "Progressing"
   hs.message = "Waiting for the operator to reconcile generation " .. tostring(generation)
+  return hs
+end
+
+-- Suspended on purpose (spec.suspend): Argo CD's own Suspended status, not a failure.
+local suspended = condition("Suspended")
+if suspended ~= nil and suspended.status == "True" and current(suspended) then
+  hs.status = "Suspended"
+  hs.message = message(suspended, "The processor is suspended")
   return hs
 end
 
