@@ -146,6 +146,22 @@ class Rig:
                     pass
         return out
 
+    def warnings(self, t0: float, t1: float) -> Counter:
+        """The operator's WARN lines between t0 and t1, by what they say (processor names cut)."""
+        out: Counter = Counter()
+        for line in (self.work / "operator.log").read_text(errors="replace").splitlines():
+            parts = line.split(None, 2)
+            if len(parts) < 3 or parts[1] != "WARN" or "cert bypassed" in line:
+                continue
+            try:
+                t = ts(parts[0])
+            except ValueError:
+                continue
+            if t0 <= t <= t1:
+                # "<target>: <message> <fields>": the message's first words.
+                out[parts[2].split(": ", 1)[-1][:50]] += 1
+        return out
+
     def close(self) -> None:
         for p in reversed(self.procs):
             p.send_signal(signal.SIGTERM)
@@ -337,6 +353,7 @@ def run(rig: Rig, args) -> None:
         "queue_reads_per_min": round((counter(m, "clip_operator_queue_reads_total") - reads0) / minutes, 1),
         "expected_queue_reads_per_min": round(n * 60 / interval, 1),
         "reconciles_per_min": round((counter(m, "clip_operator_reconciles_total") - rec0) / minutes, 1),
+        "operator_warnings": dict(rig.warnings(t_rest, t_rest_end).most_common(8)),
         **sampler.phase(t_rest, t_rest_end),
     }
 
