@@ -142,6 +142,15 @@ impl Metrics {
     }
 
     /// Drops a deleted processor's series.
+    /// One refused write of this kind of child, in `clip_operator_apply_failures_total`.
+    pub fn count_refused(&self, child: &str) {
+        self.apply_failures
+            .get_or_create(&ChildLabels {
+                child: child.into(),
+            })
+            .inc();
+    }
+
     pub fn forget(&self, namespace: &str, name: &str) {
         for c in [
             "Ready",

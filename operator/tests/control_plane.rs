@@ -862,11 +862,7 @@ fn helm_chart_on_a_real_control_plane() {
 
 /// The counter `clip_operator_reconciles_total` on the operator's /metrics.
 fn reconciles(op: &Operator) -> u64 {
-    op.metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix("clip_operator_reconciles_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    counter(op, "clip_operator_reconciles_total")
 }
 
 /// A counter on the operator's /metrics.

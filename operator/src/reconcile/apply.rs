@@ -95,7 +95,7 @@ pub async fn scale(
     api.patch_scale(
         name,
         &PatchParams {
-            field_manager: Some("clip-operator-scaler".into()),
+            field_manager: Some(crate::scaler::runner::FIELD_MANAGER.into()),
             ..Default::default()
         },
         &Patch::Merge(&patch),

@@ -40,7 +40,7 @@ use crate::crd::{ClipProcessor, ClipProcessorStatus, ScalingEngine};
 use crate::external::karpenter::NodePool;
 use crate::external::keda_scaled_object::ScaledObject;
 use crate::external::keda_trigger_authentication::TriggerAuthentication;
-use crate::metrics::{ChildLabels, ConditionLabels, ErrorLabels, Metrics};
+use crate::metrics::{ConditionLabels, ErrorLabels, Metrics};
 use crate::scaler::runner::{self, Env, QueueDepths, Scalers, Seed};
 use crate::scaler::target::KubeTarget;
 use build::{Children, FIELD_MANAGER, names, selector};
@@ -426,15 +426,7 @@ fn ns_of(cp: &ClipProcessor) -> String {
 
 /// Removes the builtin scaler's status fields (an apply of none under its field manager).
 async fn clear_scaler_status(ctx: &Context, p: &ValidatedProcessor) -> Result<(), kube::Error> {
-    let api: Api<ClipProcessor> = Api::namespaced(ctx.client.clone(), &p.namespace);
-    let body = json!({"apiVersion": ClipProcessor::api_version(&()), "kind": ClipProcessor::kind(&()), "status": {}});
-    api.patch_status(
-        &p.name,
-        &PatchParams::apply(runner::FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    Ok(())
+    crate::scaler::target::apply_status(&ctx.client, &p.namespace, &p.name, json!({})).await
 }
 
 /// Applies every child, recording what came back (their status) and what failed. The children
@@ -537,12 +529,7 @@ async fn apply_children(
 
 /// One refused write of this kind of child, in `clip_operator_apply_failures_total`.
 fn count_refused(ctx: &Context, child: Child) {
-    ctx.metrics
-        .apply_failures
-        .get_or_create(&ChildLabels {
-            child: child.label().into(),
-        })
-        .inc();
+    ctx.metrics.count_refused(child.label());
 }
 
 /// Deletes children the current spec does not want (after a model change, an engine switch, a

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use super::sqs::QueueDepth;
 use super::{History, ScaleInput, decide};
 use crate::crd::{QueueStatus, Scaling};
-use crate::metrics::{ChildLabels, DecisionLabels, Metrics, ProcessorLabels, QueueLabels};
+use crate::metrics::{DecisionLabels, Metrics, ProcessorLabels, QueueLabels};
 use crate::reconcile::status::Child;
 
 /// The field manager of the scaler's writes (scale and its status fields).
@@ -357,12 +357,7 @@ fn observe(
 }
 
 fn count_refused(env: &Env, child: Child) {
-    env.metrics
-        .apply_failures
-        .get_or_create(&ChildLabels {
-            child: child.label().into(),
-        })
-        .inc();
+    env.metrics.count_refused(child.label());
 }
 
 /// One polling interval: read, decide, scale, write status.

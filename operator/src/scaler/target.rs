@@ -33,6 +33,29 @@ impl KubeTarget {
     }
 }
 
+/// Server-side applies `status` (the scaler's fields; `{}` removes them) under the scaler's field
+/// manager.
+pub async fn apply_status(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    status: serde_json::Value,
+) -> Result<(), kube::Error> {
+    let api: Api<ClipProcessor> = Api::namespaced(client.clone(), namespace);
+    let body = json!({
+        "apiVersion": ClipProcessor::api_version(&()),
+        "kind": ClipProcessor::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map(|_| ())
+}
+
 fn replicas_of(d: &Deployment) -> i32 {
     // The API server defaults an unset count to 1.
     d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1)
@@ -67,19 +90,9 @@ impl ScaleTarget for KubeTarget {
         replicas: i32,
     ) -> BoxFuture<'a, Result<(), ScalerError>> {
         Box::pin(async move {
-            let api: Api<Deployment> = Api::namespaced(self.client.clone(), namespace);
-            let patch = json!({"spec": {"replicas": replicas}});
-            api.patch_scale(
-                deployment,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                },
-                &Patch::Merge(&patch),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| ScalerError::Scale(describe_kube(&e)))
+            crate::reconcile::apply::scale(&self.client, namespace, deployment, replicas)
+                .await
+                .map_err(|e| ScalerError::Scale(describe_kube(&e)))
         })
     }
 
@@ -90,20 +103,11 @@ impl ScaleTarget for KubeTarget {
         status: &'a ScalerStatus,
     ) -> BoxFuture<'a, Result<(), ScalerError>> {
         Box::pin(async move {
-            let api: Api<ClipProcessor> = Api::namespaced(self.client.clone(), namespace);
-            let body = json!({
-                "apiVersion": ClipProcessor::api_version(&()),
-                "kind": ClipProcessor::kind(&()),
-                "status": status,
-            });
-            api.patch_status(
-                name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| ScalerError::Status(describe_kube(&e)))
+            let status = serde_json::to_value(status)
+                .map_err(|e| ScalerError::Status(format!("cannot encode status: {e}")))?;
+            apply_status(&self.client, namespace, name, status)
+                .await
+                .map_err(|e| ScalerError::Status(describe_kube(&e)))
         })
     }
 
