@@ -965,3 +965,110 @@ fn at_rest_the_operator_reads_the_queue_and_writes_only_a_heartbeat() {
         "the heartbeat moved status.queue.readAt"
     );
 }
+
+/// The resync finds everything as it left it: it makes no request (every child comes from the
+/// watch caches and nothing is re-applied), while a child deleted or edited by hand is put back
+/// at once, since every kind of child is watched.
+#[test]
+fn a_resync_with_nothing_to_change_makes_no_request_and_drift_is_put_back() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cp = ControlPlane::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    crds(&cp);
+    cp.ok(&["create", "namespace", NS]);
+    let moto = Moto::start();
+    let sqs = rt.block_on(moto.sqs());
+    rt.block_on(sqs.create_queue().queue_name("clip-input").send())
+        .unwrap();
+    let op = Operator::start_as(
+        &cp,
+        &moto,
+        "operator-a",
+        &cp.kubeconfig,
+        &[("RESYNC_SECONDS", "10")],
+    );
+    let spec = manifest("").replace(
+        "  modelCache:\n    efs:\n      fileSystemId: fs-0123456789abcdef0\n      accessPointId: fsap-0123456789abcdef0\n",
+        "  modelCache:\n    none: true\n",
+    ) + "  compute:\n    nodePool:\n      provisioner: none\n";
+    assert!(cp.apply(&spec).status.success());
+    cp.wait("Ready", T, &["clipprocessor", "photos", "-n", NS], |v| {
+        condition(v, "Ready").is_some_and(|c| c["status"] == "True")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let reconciled = reconciles(&op);
+    let since = cp.audit().len();
+    let window = 45;
+    std::thread::sleep(Duration::from_secs(window));
+    let ran = reconciles(&op) - reconciled;
+    let requests: Vec<String> = cp.audit()[since..]
+        .iter()
+        .filter(|e| {
+            e["user"]["username"] == "admin"
+                && !e["userAgent"].as_str().unwrap_or("").starts_with("kubectl")
+                && e["verb"] != "watch"
+                && e["objectRef"]["resource"] != "leases"
+        })
+        .map(|e| {
+            format!(
+                "{} {}/{}",
+                e["verb"].as_str().unwrap_or(""),
+                e["objectRef"]["resource"].as_str().unwrap_or(""),
+                e["objectRef"]["subresource"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    let logs = op.logs();
+    assert!(
+        ran >= 3,
+        "{ran} reconciles in {window}s with a 10 s resync\n{logs}"
+    );
+    // The scaler's heartbeat (once a minute) is the only request besides watches and the lease.
+    assert!(
+        requests.iter().all(|r| r == "patch clipprocessors/status") && requests.len() <= 1,
+        "requests at rest over {ran} resyncs: {requests:?}"
+    );
+
+    // Drift: a deleted ServiceAccount and a hand-edited worker Deployment are put back without
+    // waiting for a resync or a spec change. A second operator with the default 5-minute resync
+    // takes over, so only the watches of the children can explain a repair within seconds.
+    drop(op);
+    let op = Operator::start_as(&cp, &moto, "operator-b", &cp.kubeconfig, &[]);
+    let deadline = std::time::Instant::now() + T;
+    while reconciles(&op) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "operator-b never reconciled\n{}",
+            op.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let sa = ["serviceaccount", "photos-worker", "-n", NS];
+    let uid = cp.get(&sa).unwrap()["metadata"]["uid"].clone();
+    cp.ok(&["delete", "serviceaccount", "photos-worker", "-n", NS]);
+    cp.wait(
+        "the deleted ServiceAccount created again",
+        Duration::from_secs(8),
+        &sa,
+        |v| v["metadata"]["uid"] != uid,
+    );
+    let image = |v: &Value| v["spec"]["template"]["spec"]["containers"][0]["image"].clone();
+    let want = image(&cp.get(&["deployment", "photos-worker", "-n", NS]).unwrap());
+    cp.ok(&[
+        "patch",
+        "deployment",
+        "photos-worker",
+        "-n",
+        NS,
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"example.com/edited:1"}]"#,
+    ]);
+    cp.wait(
+        "the hand-edited worker image put back",
+        Duration::from_secs(8),
+        &["deployment", "photos-worker", "-n", NS],
+        |v| image(v) == want,
+    );
+}

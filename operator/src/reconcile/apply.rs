@@ -52,17 +52,19 @@ where
 }
 
 /// The worker Deployment: created once at 0 replicas, then applied without `replicas`, so the
-/// scaler's count (set through the scale subresource) is never reset by a reconcile.
+/// scaler's count (set through the scale subresource) is never reset by a reconcile. `exists`:
+/// seen in the watch cache (no GET to find out).
 pub async fn apply_deployment(
     client: &Client,
     namespace: &str,
     mut d: Deployment,
     owner: &OwnerReference,
+    exists: bool,
 ) -> Result<Deployment, kube::Error> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let name = d.name_any();
     d.metadata.owner_references = Some(vec![owner.clone()]);
-    if api.get_opt(&name).await?.is_none() {
+    if !exists && api.get_opt(&name).await?.is_none() {
         let mut first = d.clone();
         if let Some(spec) = first.spec.as_mut() {
             spec.replicas = Some(0);
@@ -130,25 +132,36 @@ where
     }
 }
 
-/// Deletes the children labelled for this processor whose names are not in `keep`. A kind whose
-/// CRD is not installed has nothing to delete.
+/// The children labelled for this processor (not being deleted), listed from the API. A kind
+/// whose CRD is not installed has none.
+pub async fn list_labelled<K>(api: &Api<K>, selector: &str) -> Result<Vec<String>, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    match api.list(&ListParams::default().labels(selector)).await {
+        Ok(l) => Ok(l
+            .items
+            .into_iter()
+            .filter(|o| o.meta().deletion_timestamp.is_none())
+            .map(|o| o.name_any())
+            .collect()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes the children in `found` whose names are not in `keep`.
 pub async fn delete_orphans<K>(
-    api: Api<K>,
-    selector: &str,
+    api: &Api<K>,
+    found: Vec<String>,
     keep: &[String],
 ) -> Result<Vec<String>, kube::Error>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
 {
-    let list = match api.list(&ListParams::default().labels(selector)).await {
-        Ok(l) => l,
-        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
     let mut deleted = Vec::new();
-    for obj in list.items {
-        let name = obj.name_any();
-        if !keep.contains(&name) && obj.meta().deletion_timestamp.is_none() {
+    for name in found {
+        if !keep.contains(&name) {
             match api.delete(&name, &DeleteParams::background()).await {
                 Ok(_) => deleted.push(name),
                 Err(kube::Error::Api(e)) if e.code == 404 => {}

@@ -1,13 +1,15 @@
 //! The controller: validate (pure) -> build (pure) -> apply (server-side apply, orphan cleanup)
 //! -> hand the builtin scaler its settings -> status (pure, from observed children) -> patch
 //! status. The builtin scaler runs in its own loop per processor (`scaler::runner`); reconcile
-//! runs when the spec or an owned child changes, when the scaler reports a change, and every
-//! `RESYNC`.
+//! runs when the spec or a child changes, when the scaler reports a change, and every `RESYNC`.
+//! Children are read from watch caches (`observe`); one whose wanted object and live version
+//! are those of the last apply is not applied again.
 
 pub mod apply;
 pub mod build;
 #[cfg(test)]
 mod fake;
+pub mod observe;
 pub mod status;
 #[cfg(test)]
 mod tests;
@@ -20,7 +22,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, ServiceAccount};
@@ -50,12 +51,13 @@ use validate::{OperatorSettings, ValidatedProcessor};
 /// The finalizer that deletes cluster-scoped children (NodePool, PersistentVolume).
 pub const FINALIZER: &str = "lakechain.dev/cleanup";
 
-/// How often the orphan sweep (six label-selected lists) runs while the set of wanted children
-/// stays the same; it runs at once whenever that set changes, and after an operator restart.
+/// Without the watch caches (tests, one-off reconciles): how often the orphan sweep (six
+/// label-selected lists) runs while the set of wanted children stays the same; it runs at once
+/// whenever that set changes. With them, the sweep reads the caches at every reconcile.
 const ORPHAN_RESYNC: Duration = Duration::from_secs(300);
 
-/// How often a processor is reconciled when nothing changed (drift of children that are not
-/// watched: ServiceAccount, PersistentVolume and claim, TriggerAuthentication).
+/// How often a processor is reconciled when nothing changed. Every child is watched, so this is
+/// a safety net (a missed watch event); a resync with nothing to change makes no request.
 pub const RESYNC: Duration = Duration::from_secs(300);
 
 /// Why a reconcile failed. The variant name is the metric label.
@@ -87,8 +89,32 @@ pub struct Context {
     pub scalers: Scalers,
     /// Per processor: consecutive failures, for backoff.
     failures: Mutex<HashMap<String, u32>>,
-    /// Per processor: the wanted children at the last complete orphan sweep, and when it ran.
+    /// Per processor: the wanted children at the last complete orphan sweep, and when it ran
+    /// (without the watch caches: tests and one-off reconciles).
     swept: Mutex<HashMap<String, (Vec<String>, Instant)>>,
+    /// The watch caches of the children, while `run` runs.
+    stores: Mutex<Option<observe::Stores>>,
+    /// What was last applied per child (skips applies that would change nothing).
+    applied: observe::Applied,
+    /// Per processor (uid): reconcile's part of status as last written. A reconcile started
+    /// before its own previous write reached the cache sees an older status; comparing with
+    /// this keeps it from writing the same status and publishing the same Events again.
+    written: Mutex<HashMap<String, OwnStatus>>,
+}
+
+/// Reconcile's fields of status (the scaler owns `queue`, `lastActiveTime`, `lastScaleTime`).
+type OwnStatus = (
+    Option<i64>,
+    Vec<Condition>,
+    Option<crate::crd::ReplicaStatus>,
+);
+
+fn own(s: &ClipProcessorStatus) -> OwnStatus {
+    (
+        s.observed_generation,
+        s.conditions.clone(),
+        s.replicas.clone(),
+    )
 }
 
 impl Context {
@@ -123,18 +149,38 @@ impl Context {
             scalers,
             failures: Default::default(),
             swept: Default::default(),
+            stores: Default::default(),
+            applied: Default::default(),
+            written: Default::default(),
         })
+    }
+
+    fn stores(&self) -> Option<observe::Stores> {
+        self.stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn written(&self) -> std::sync::MutexGuard<'_, HashMap<String, OwnStatus>> {
+        self.written.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// Stops the scaler's loops when the controller stops (shutdown, or its future dropped when the
-/// lease is lost): only the leader scales.
-struct StopScalers(Arc<Context>, tokio::task::JoinHandle<()>);
+/// Stops the scaler's loops and the watch tasks when the controller stops (shutdown, or its
+/// future dropped when the lease is lost): only the leader scales. What it remembers of its own
+/// writes is forgotten, since another replica may write while this one is not the leader.
+struct StopScalers(Arc<Context>, Vec<tokio::task::JoinHandle<()>>);
 
 impl Drop for StopScalers {
     fn drop(&mut self) {
         self.0.scalers.stop_all();
-        self.1.abort();
+        for t in &self.1 {
+            t.abort();
+        }
+        *self.0.stores.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.0.applied.clear();
+        self.0.written().clear();
     }
 }
 
@@ -155,71 +201,55 @@ pub fn reconcile_trigger(cp: &ClipProcessor) -> Option<u64> {
 /// Runs the controller until the stream ends (shutdown).
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
+    // The processors' cache, fed by its own task (as the children's are, `observe`): the
+    // controller takes the changes that pass `reconcile_trigger` from a channel.
     let processors: Api<ClipProcessor> = Api::all(client.clone());
     let (reader, writer) = reflector::store();
-    let changes = watcher(processors, watcher::Config::default().any_semantic())
+    let (changed, changes) = mpsc::unbounded_channel::<ClipProcessor>();
+    let watch = watcher(processors, watcher::Config::default().any_semantic())
         .default_backoff()
+        .modify(observe::slim)
         .reflect(writer)
         .applied_objects()
-        .predicate_filter(reconcile_trigger, Default::default());
-    // The scaler loops read the current replicas from a cache of the worker Deployments (no
-    // request per tick). It is fed by its own task: the controller consumes its watches only as
-    // fast as it schedules reconciles, and a cache it fed lagged by tens of seconds under load
-    // (the scaler then saw its own scale-up undone and patched it again).
-    let (deployments, deployments_writer) = reflector::store();
-    let feed = watcher(
-        Api::<Deployment>::all(client.clone()),
-        watcher::Config::default().labels(build::LABEL_PROCESSOR),
-    )
-    .default_backoff()
-    .reflect(deployments_writer)
-    .for_each(|_| futures::future::ready(()));
-    let feeder = tokio::spawn(feed);
+        .predicate_filter(reconcile_trigger, Default::default())
+        .for_each(move |r| {
+            match r {
+                Ok(cp) => {
+                    let _ = changed.send(cp);
+                }
+                Err(e) => tracing::warn!("watch of ClipProcessors: {e} (retrying with backoff)"),
+            }
+            futures::future::ready(())
+        });
+    let mut tasks = vec![tokio::spawn(watch)];
+    let changes = futures::stream::unfold(changes, |mut rx| async move {
+        let cp = rx.recv().await?;
+        Some((Ok::<_, watcher::Error>(cp), rx))
+    });
+    // A change of any child, and the scaler's asks, name the processor to reconcile.
     let (asks, asked) = mpsc::unbounded_channel::<(String, String)>();
+    let (stores, feeds) = observe::Stores::start(&client, asks.clone());
+    tasks.extend(feeds);
+    *ctx.stores.lock().unwrap_or_else(|e| e.into_inner()) = Some(stores.clone());
+    // The scaler loops read the current replicas from the Deployment cache (no request per
+    // tick).
     ctx.scalers.install(Env::new(
         ctx.queues.clone(),
         Arc::new(KubeTarget::new(
             client.clone(),
-            Some(deployments),
+            Some(stores.deployments.clone()),
             ctx.recorder.clone(),
         )),
         ctx.metrics.clone(),
         asks,
     ));
-    let _stop = StopScalers(ctx.clone(), feeder);
-    let scaler_asks = futures::stream::unfold(asked, |mut rx| async move {
+    let _stop = StopScalers(ctx.clone(), tasks);
+    let asks = futures::stream::unfold(asked, |mut rx| async move {
         let (ns, name) = rx.recv().await?;
         Some((ObjectRef::<ClipProcessor>::new(&name).within(&ns), rx))
     });
     Controller::for_stream(changes, reader)
-        .owns(
-            Api::<Deployment>::all(client.clone()),
-            watcher::Config::default().labels(build::LABEL_PROCESSOR),
-        )
-        .reconcile_on(scaler_asks)
-        .owns(
-            Api::<Job>::all(client.clone()),
-            watcher::Config::default().labels(build::LABEL_PROCESSOR),
-        )
-        // Readiness reported by Karpenter and KEDA. Where their CRDs are not installed these
-        // watches fail and retry with backoff (a list every 30 s at most); nothing else waits
-        // on them.
-        .owns(
-            Api::<ScaledObject>::all(client.clone()),
-            watcher::Config::default().labels(build::LABEL_PROCESSOR),
-        )
-        .watches(
-            Api::<NodePool>::all(client.clone()),
-            watcher::Config::default().labels(build::LABEL_PROCESSOR),
-            // Cluster-scoped: no owner reference, so the processor is found by its labels.
-            |np: NodePool| {
-                let labels = np.labels();
-                Some(
-                    ObjectRef::<ClipProcessor>::new(labels.get(build::LABEL_PROCESSOR)?)
-                        .within(labels.get(build::LABEL_NAMESPACE)?),
-                )
-            },
-        )
+        .reconcile_on(asks)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -232,6 +262,10 @@ pub async fn run(ctx: Arc<Context>) {
 
 fn key(cp: &ClipProcessor) -> String {
     format!("{}/{}", cp.namespace().unwrap_or_default(), cp.name_any())
+}
+
+fn uid(cp: &ClipProcessor) -> String {
+    cp.uid().unwrap_or_else(|| key(cp))
 }
 
 pub(crate) async fn reconcile(cp: Arc<ClipProcessor>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -280,7 +314,13 @@ pub(crate) fn error_policy(cp: Arc<ClipProcessor>, err: &Error, ctx: Arc<Context
 }
 
 async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
-    let previous = cp.status.clone().unwrap_or_default();
+    let mut previous = cp.status.clone().unwrap_or_default();
+    if let Some((generation, conditions, replicas)) = ctx.written().get(&uid(&cp)).cloned() {
+        // This reconcile may have started from a copy older than the last write.
+        previous.observed_generation = generation;
+        previous.conditions = conditions;
+        previous.replicas = replicas;
+    }
     let now = Time(Timestamp::now());
     let p = match validate::validate(&cp, &ctx.settings) {
         Ok(p) => p,
@@ -312,27 +352,33 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
     apply_children(ctx, &p, &desired, &owner, &mut observed).await;
     // Children become orphans only when the wanted set changes (model, engine, cache,
     // provisioner): the sweep runs then, and every ORPHAN_RESYNC, not on every scaler tick.
+    // With the watch caches the sweep reads them and costs no request; without, it lists.
+    let stores = ctx.stores();
     let wanted = wanted(&desired);
-    let sweep_due = match ctx
-        .swept
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key(&cp))
-    {
-        Some((last, at)) => *last != wanted || at.elapsed() >= ORPHAN_RESYNC,
-        None => true,
-    };
+    let sweep_due = stores.is_some()
+        || match ctx
+            .swept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key(&cp))
+        {
+            Some((last, at)) => *last != wanted || at.elapsed() >= ORPHAN_RESYNC,
+            None => true,
+        };
     if sweep_due {
-        match delete_orphans(ctx, &p, &desired).await {
+        match delete_orphans(ctx, stores.as_ref(), &p, &desired).await {
             Ok(()) => {
                 ctx.swept
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(key(&cp), (wanted, Instant::now()));
             }
-            Err(e) => observed
-                .apply_errors
-                .push(ApplyError::new(Child::OrphanSweep, e)),
+            Err(e) => {
+                count_refused(ctx, Child::OrphanSweep);
+                observed
+                    .apply_errors
+                    .push(ApplyError::new(Child::OrphanSweep, e))
+            }
         }
     }
 
@@ -375,11 +421,13 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
                 // Left by the builtin scaler before a switch to KEDA.
                 clear_scaler_status(ctx, &p).await?;
             }
-            observed.scaled_object =
-                Api::<ScaledObject>::namespaced(ctx.client.clone(), &p.namespace)
-                    .get_opt(&names::scaled_object(&p))
-                    .await
-                    .unwrap_or(None);
+            if observed.scaled_object.is_none() {
+                observed.scaled_object =
+                    Api::<ScaledObject>::namespaced(ctx.client.clone(), &p.namespace)
+                        .get_opt(&names::scaled_object(&p))
+                        .await
+                        .unwrap_or(None);
+            }
         }
     }
     let status = ClipProcessorStatus {
@@ -431,7 +479,9 @@ async fn clear_scaler_status(ctx: &Context, p: &ValidatedProcessor) -> Result<()
 
 /// Applies every child, recording what came back (their status) and what failed. The children
 /// are destructured once, without `..`: a new kind of child does not compile until it is
-/// applied here (and swept in `delete_orphans`, listed in `wanted`).
+/// applied here (and swept in `delete_orphans`, listed in `wanted`). With the watch caches, a
+/// child whose wanted object and live version are those of the last apply is not applied
+/// again; its cached copy is what came back.
 async fn apply_children(
     ctx: &Context,
     p: &ValidatedProcessor,
@@ -451,80 +501,153 @@ async fn apply_children(
     } = c.clone();
     let client = &ctx.client;
     let ns = p.namespace.as_str();
-    let mut errors = Vec::new();
-    macro_rules! try_apply {
-        ($child:expr, $fut:expr) => {
-            match $fut.await {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    errors.push(ApplyError::new($child, e));
-                    None
-                }
-            }
-        };
-    }
+    let stores = ctx.stores();
+    let s = stores.as_ref();
+    let mut w = Writer {
+        ctx,
+        processor: format!("{ns}/{}", p.name),
+        owner,
+        errors: Vec::new(),
+    };
     if let Some(sa) = service_account {
-        try_apply!(
+        w.apply(
             Child::ServiceAccount,
-            apply::apply_owned::<ServiceAccount>(client, ns, sa, owner)
-        );
+            sa,
+            s.map(|s| &s.service_accounts),
+            |sa| apply::apply_owned::<ServiceAccount>(client, ns, sa, owner),
+        )
+        .await;
     }
     if let Some(pv) = persistent_volume {
-        try_apply!(
+        w.apply(
             Child::PersistentVolume,
-            apply::apply_cluster::<PersistentVolume>(client, pv)
-        );
+            pv,
+            s.map(|s| &s.persistent_volumes),
+            |pv| apply::apply_cluster::<PersistentVolume>(client, pv),
+        )
+        .await;
     }
     if let Some(pvc) = persistent_volume_claim {
-        try_apply!(
+        w.apply(
             Child::PersistentVolumeClaim,
-            apply::apply_owned::<PersistentVolumeClaim>(client, ns, pvc, owner)
-        );
+            pvc,
+            s.map(|s| &s.persistent_volume_claims),
+            |pvc| apply::apply_owned::<PersistentVolumeClaim>(client, ns, pvc, owner),
+        )
+        .await;
     }
     let job = match cache_warm_job {
-        Some(job) => try_apply!(
-            Child::CacheWarmJob,
-            apply::apply_job::<Job>(client, ns, job, owner)
-        ),
+        Some(job) => {
+            w.apply(Child::CacheWarmJob, job, s.map(|s| &s.jobs), |job| {
+                apply::apply_job::<Job>(client, ns, job, owner)
+            })
+            .await
+        }
         None => None,
     };
     let deployment = match deployment {
-        Some(d) => try_apply!(
-            Child::Deployment,
-            apply::apply_deployment(client, ns, d, owner)
-        ),
+        Some(d) => {
+            // Known to exist: no GET before the apply.
+            let exists = s
+                .and_then(|s| observe::cached(&s.deployments, Some(ns), &d.name_any()))
+                .is_some();
+            w.apply(Child::Deployment, d, s.map(|s| &s.deployments), |d| {
+                apply::apply_deployment(client, ns, d, owner, exists)
+            })
+            .await
+        }
         None => None,
     };
     let node_pool = match node_pool {
-        Some(np) => try_apply!(
-            Child::NodePool,
-            apply::apply_cluster::<NodePool>(client, np)
-        ),
+        Some(np) => {
+            w.apply(Child::NodePool, np, s.map(|s| &s.node_pools), |np| {
+                apply::apply_cluster::<NodePool>(client, np)
+            })
+            .await
+        }
         None => None,
     };
     if let Some(ta) = trigger_authentication {
-        try_apply!(
+        w.apply(
             Child::TriggerAuthentication,
-            apply::apply_owned::<TriggerAuthentication>(client, ns, ta, owner)
-        );
+            ta,
+            s.map(|s| &s.trigger_authentications),
+            |ta| apply::apply_owned::<TriggerAuthentication>(client, ns, ta, owner),
+        )
+        .await;
     }
-    if let Some(mut so) = scaled_object {
-        // KEDA holds the workers at zero until the Job just applied reports the cache full.
-        // Suspended: held at zero the same way.
-        let warmed = !p.cache.shared() || job.as_ref().is_some_and(status::job_complete);
-        build::keda::hold_until_warm(&mut so, warmed && !p.spec.suspend);
-        try_apply!(
-            Child::ScaledObject,
-            apply::apply_owned::<ScaledObject>(client, ns, so, owner)
-        );
-    }
-    for e in &errors {
+    let scaled_object = match scaled_object {
+        Some(mut so) => {
+            // KEDA holds the workers at zero until the Job just applied reports the cache
+            // full. Suspended: held at zero the same way.
+            let warmed = !p.cache.shared() || job.as_ref().is_some_and(status::job_complete);
+            build::keda::hold_until_warm(&mut so, warmed && !p.spec.suspend);
+            w.apply(
+                Child::ScaledObject,
+                so,
+                s.map(|s| &s.scaled_objects),
+                |so| apply::apply_owned::<ScaledObject>(client, ns, so, owner),
+            )
+            .await
+        }
+        None => None,
+    };
+    for e in &w.errors {
         count_refused(ctx, e.child);
     }
-    o.apply_errors.extend(errors);
+    o.apply_errors.extend(w.errors);
     o.cache_job = job;
     o.deployment = deployment;
     o.node_pool = node_pool;
+    o.scaled_object = scaled_object;
+}
+
+/// Applies children one at a time, skipping those an apply would not change.
+struct Writer<'a> {
+    ctx: &'a Context,
+    processor: String,
+    owner: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    errors: Vec<ApplyError>,
+}
+
+impl Writer<'_> {
+    async fn apply<K, F, Fut>(
+        &mut self,
+        child: Child,
+        obj: K,
+        store: Option<&reflector::Store<K>>,
+        apply: F,
+    ) -> Option<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + serde::Serialize,
+        F: FnOnce(K) -> Fut,
+        Fut: std::future::Future<Output = Result<K, kube::Error>>,
+    {
+        let key = observe::Applied::key(&obj);
+        let print = observe::fingerprint(&(&obj, self.owner));
+        let applied = &self.ctx.applied;
+        if let Some(store) = store {
+            let ns = obj.meta().namespace.clone();
+            if let Some(live) = observe::cached(store, ns.as_deref(), &obj.name_any())
+                && applied.unchanged(&self.processor, &key, print, &live)
+            {
+                return Some(live);
+            }
+        }
+        match apply(obj).await {
+            Ok(v) => {
+                if store.is_some() {
+                    applied.record(&self.processor, key, print, &v);
+                }
+                Some(v)
+            }
+            Err(e) => {
+                applied.forget(&self.processor, &key);
+                self.errors.push(ApplyError::new(child, e));
+                None
+            }
+        }
+    }
 }
 
 /// One refused write of this kind of child, in `clip_operator_apply_failures_total`.
@@ -533,9 +656,10 @@ fn count_refused(ctx: &Context, child: Child) {
 }
 
 /// Deletes children the current spec does not want (after a model change, an engine switch, a
-/// cache or provisioner change).
+/// cache or provisioner change). They are found in the watch caches, or listed by label.
 async fn delete_orphans(
     ctx: &Context,
+    stores: Option<&observe::Stores>,
     p: &ValidatedProcessor,
     c: &Children,
 ) -> Result<(), kube::Error> {
@@ -554,49 +678,79 @@ async fn delete_orphans(
     let client = ctx.client.clone();
     let ns = p.namespace.as_str();
     let mut deleted = Vec::new();
-    deleted.extend(
-        apply::delete_orphans(
-            Api::<Job>::namespaced(client.clone(), ns),
-            &sel,
-            &keep(cache_warm_job),
-        )
-        .await?,
-    );
-    deleted.extend(
-        apply::delete_orphans(
-            Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
-            &sel,
-            &keep(persistent_volume_claim),
-        )
-        .await?,
-    );
-    deleted.extend(
-        apply::delete_orphans(
-            Api::<PersistentVolume>::all(client.clone()),
-            &sel,
-            &keep(persistent_volume),
-        )
-        .await?,
-    );
-    deleted.extend(
-        apply::delete_orphans(Api::<NodePool>::all(client.clone()), &sel, &keep(node_pool)).await?,
-    );
-    deleted.extend(
-        apply::delete_orphans(
-            Api::<ScaledObject>::namespaced(client.clone(), ns),
-            &sel,
-            &keep(scaled_object),
-        )
-        .await?,
-    );
-    deleted.extend(
-        apply::delete_orphans(
-            Api::<TriggerAuthentication>::namespaced(client.clone(), ns),
-            &sel,
-            &keep(trigger_authentication),
-        )
-        .await?,
-    );
+    async fn sweep<K>(
+        api: Api<K>,
+        cache: Option<&reflector::Store<K>>,
+        p: &ValidatedProcessor,
+        sel: &str,
+        keep: Vec<String>,
+        deleted: &mut Vec<String>,
+    ) -> Result<(), kube::Error>
+    where
+        K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let found = match cache {
+            Some(store) => observe::labelled(store, &p.namespace, &p.name),
+            None => apply::list_labelled(&api, sel).await?,
+        };
+        deleted.extend(apply::delete_orphans(&api, found, &keep).await?);
+        Ok(())
+    }
+    let s = stores;
+    sweep(
+        Api::<Job>::namespaced(client.clone(), ns),
+        s.map(|s| &s.jobs),
+        p,
+        &sel,
+        keep(cache_warm_job),
+        &mut deleted,
+    )
+    .await?;
+    sweep(
+        Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns),
+        s.map(|s| &s.persistent_volume_claims),
+        p,
+        &sel,
+        keep(persistent_volume_claim),
+        &mut deleted,
+    )
+    .await?;
+    sweep(
+        Api::<PersistentVolume>::all(client.clone()),
+        s.map(|s| &s.persistent_volumes),
+        p,
+        &sel,
+        keep(persistent_volume),
+        &mut deleted,
+    )
+    .await?;
+    sweep(
+        Api::<NodePool>::all(client.clone()),
+        s.map(|s| &s.node_pools),
+        p,
+        &sel,
+        keep(node_pool),
+        &mut deleted,
+    )
+    .await?;
+    sweep(
+        Api::<ScaledObject>::namespaced(client.clone(), ns),
+        s.map(|s| &s.scaled_objects),
+        p,
+        &sel,
+        keep(scaled_object),
+        &mut deleted,
+    )
+    .await?;
+    sweep(
+        Api::<TriggerAuthentication>::namespaced(client.clone(), ns),
+        s.map(|s| &s.trigger_authentications),
+        p,
+        &sel,
+        keep(trigger_authentication),
+        &mut deleted,
+    )
+    .await?;
     if !deleted.is_empty() {
         tracing::info!(processor = %format!("{ns}/{}", p.name), deleted = ?deleted, "removed children the spec no longer wants");
     }
@@ -729,13 +883,6 @@ async fn patch_status(
     previous: &ClipProcessorStatus,
     status: ClipProcessorStatus,
 ) -> Result<(), kube::Error> {
-    let own = |s: &ClipProcessorStatus| {
-        (
-            s.observed_generation,
-            s.conditions.clone(),
-            s.replicas.clone(),
-        )
-    };
     if own(&status) == own(previous) {
         return Ok(());
     }
@@ -748,6 +895,7 @@ async fn patch_status(
         &Patch::Apply(&body),
     )
     .await?;
+    ctx.written().insert(uid(cp), own(&status));
     Ok(())
 }
 
@@ -772,6 +920,8 @@ async fn cleanup(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error>
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&key(&cp));
+    ctx.applied.forget_processor(&key(&cp));
+    ctx.written().remove(&uid(&cp));
     ctx.metrics.forget(&ns, &name);
     event(
         ctx,
