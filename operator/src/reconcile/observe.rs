@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -108,32 +109,61 @@ where
     let (reader, writer) = reflector::store();
     let triggers = triggers.clone();
     let kind = K::kind(&()).to_string();
+    // No `default_backoff()`: kube's watcher yields `Event::Init` (an `Ok`) before every list,
+    // which resets that backoff, so a watch of a kind whose CRD is not installed listed about
+    // once a second. Here only an event that follows a successful list or watch resets it.
     let stream = watcher(api, watcher::Config::default().labels(LABEL_PROCESSOR))
-        .default_backoff()
         .modify(slim)
-        .reflect(writer)
-        .touched_objects();
+        .reflect(writer);
     spawn(tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        let mut failing = false;
+        let mut retry = Retry::default();
         while let Some(event) = stream.next().await {
             match event {
-                Ok(obj) => {
-                    failing = false;
+                Ok(watcher::Event::Init) => {}
+                Ok(watcher::Event::InitDone) => retry.reset(),
+                Ok(
+                    watcher::Event::Apply(obj)
+                    | watcher::Event::InitApply(obj)
+                    | watcher::Event::Delete(obj),
+                ) => {
+                    retry.reset();
                     if let Some(p) = processor_of(&obj) {
                         let _ = triggers.send(p);
                     }
                 }
-                // A kind whose CRD is not installed fails here until it is; said once.
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::debug!("watch of {kind} children: {e} (retrying with backoff)");
+                Err(e) => {
+                    let delay = retry.next();
+                    // A kind whose CRD is not installed fails here until it is; said once.
+                    if delay == Retry::FIRST {
+                        tracing::debug!("watch of {kind} children: {e} (retrying with backoff)");
+                    }
+                    tokio::time::sleep(delay).await;
                 }
-                Err(_) => {}
             }
         }
     }));
     reader
+}
+
+/// The pause after a failed list or watch: doubling from 0.8 s to 30 s, back to the start after
+/// a success.
+#[derive(Default)]
+struct Retry(Option<Duration>);
+
+impl Retry {
+    const FIRST: Duration = Duration::from_millis(800);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn next(&mut self) -> Duration {
+        let d = self.0.map_or(Self::FIRST, |d| (d * 2).min(Self::MAX));
+        self.0 = Some(d);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.0 = None;
+    }
 }
 
 /// The cached copy of a child, by kind and name (`None`: not in the cache, or being deleted).
@@ -310,6 +340,15 @@ mod tests {
         a.record(p, key.clone(), print, &d);
         a.forget_processor(p);
         assert!(!a.unchanged(p, &key, print, &d));
+    }
+
+    #[test]
+    fn a_failing_watch_backs_off_to_thirty_seconds_and_starts_over_after_a_success() {
+        let mut r = Retry::default();
+        let delays: Vec<u64> = (0..8).map(|_| r.next().as_millis() as u64).collect();
+        assert_eq!(delays, [800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]);
+        r.reset();
+        assert_eq!(r.next(), Retry::FIRST);
     }
 
     #[test]
