@@ -143,14 +143,19 @@ fn crds(cp: &ControlPlane) {
         "scaledobjects.keda.sh",
         "triggerauthentications.keda.sh",
     ] {
-        cp.ok(&[
-            "wait",
-            "--for",
-            "condition=established",
-            "--timeout=60s",
-            &format!("crd/{crd}"),
-        ]);
+        established(cp, crd);
     }
+}
+
+/// Waits until the API server serves this CRD.
+fn established(cp: &ControlPlane, crd: &str) {
+    cp.ok(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        &format!("crd/{crd}"),
+    ]);
 }
 
 #[test]
@@ -636,13 +641,7 @@ fn helm_chart_on_a_real_control_plane() {
     assert!(notes.contains("kubectl get clipprocessors -A"), "{notes}");
 
     // What the release created.
-    cp.ok(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout=60s",
-        "crd/clipprocessors.lakechain.dev",
-    ]);
+    established(&cp, "clipprocessors.lakechain.dev");
     let d = cp
         .get(&["deployment", "clip-operator", "-n", "clip-system"])
         .expect("the operator Deployment");
@@ -982,13 +981,7 @@ fn a_resync_with_nothing_to_change_makes_no_request_and_drift_is_put_back() {
     // Only this project's CRD: the watches of NodePools, ScaledObjects and
     // TriggerAuthentications fail and must back off, not list again every second.
     cp.ok(&["apply", "-f", path("crds").to_str().unwrap()]);
-    cp.ok(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout=60s",
-        "crd/clipprocessors.lakechain.dev",
-    ]);
+    established(&cp, "clipprocessors.lakechain.dev");
     cp.ok(&["create", "namespace", NS]);
     let moto = Moto::start();
     let sqs = rt.block_on(moto.sqs());

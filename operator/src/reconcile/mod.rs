@@ -349,11 +349,11 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
         .expect("a ClipProcessor from the API has a uid");
     let desired = build::children(&p);
     let mut observed = Observed::default();
-    apply_children(ctx, &p, &desired, &owner, &mut observed).await;
+    let stores = ctx.stores();
+    apply_children(ctx, stores.as_ref(), &p, &desired, &owner, &mut observed).await;
     // Children become orphans only when the wanted set changes (model, engine, cache,
     // provisioner): the sweep runs then, and every ORPHAN_RESYNC, not on every scaler tick.
     // With the watch caches the sweep reads them and costs no request; without, it lists.
-    let stores = ctx.stores();
     let wanted = wanted(&desired);
     let sweep_due = stores.is_some()
         || match ctx
@@ -484,6 +484,7 @@ async fn clear_scaler_status(ctx: &Context, p: &ValidatedProcessor) -> Result<()
 /// again; its cached copy is what came back.
 async fn apply_children(
     ctx: &Context,
+    s: Option<&observe::Stores>,
     p: &ValidatedProcessor,
     c: &Children,
     owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
@@ -501,8 +502,6 @@ async fn apply_children(
     } = c.clone();
     let client = &ctx.client;
     let ns = p.namespace.as_str();
-    let stores = ctx.stores();
-    let s = stores.as_ref();
     let mut w = Writer {
         ctx,
         processor: format!("{ns}/{}", p.name),
