@@ -3,6 +3,10 @@
 
 use std::collections::BTreeSet;
 
+/// The `Content-Type` of both binaries' `/metrics`: prometheus-client writes the OpenMetrics text
+/// format (counters' `_total` suffix, `# EOF` at the end), which Prometheus negotiates as such.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Every name starting with `prefix` (e.g. `clip_worker_`) in a document or a PromQL query.
 pub fn referenced(text: &str, prefix: &str) -> BTreeSet<String> {
     text.match_indices(prefix)

@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration,
+    TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -24,6 +27,7 @@ use serde::{Deserialize, Serialize};
     namespaced,
     status = "ClipProcessorStatus",
     derive = "PartialEq",
+    doc = "A CLIP image processor: reads Lakechain events from an SQS queue, writes each image's CLIP embedding to an S3 cache bucket and publishes the enriched event to an SNS topic, on workers that follow the queue down to zero. The operator creates and owns the workers' Deployment, ServiceAccount, model cache, node pool and scaler; status reports what they do.",
     cel,
     validation = Rule::new("size(self.metadata.name) <= 43").message("metadata.name must be at most 43 characters: child object names add suffixes to it"),
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".spec.model"}"#,
@@ -35,6 +39,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.scaling) || !has(self.scaling.identityOwner) || self.scaling.identityOwner != 'workload' || (has(self.serviceAccount) && has(self.serviceAccount.roleArn))").message("scaling.identityOwner: workload needs serviceAccount.roleArn: KEDA reads the role from the workers' ServiceAccount").field_path(".scaling.identityOwner"))]
 pub struct ClipProcessorSpec {
     /// CLIP model: ViT-B/32 (default, 512 dimensions), ViT-B/16 (512) or ViT-L/14 (768).
     #[serde(default)]
@@ -65,7 +70,7 @@ pub struct ClipProcessorSpec {
     /// The workers' Kubernetes ServiceAccount.
     #[serde(default)]
     pub service_account: ServiceAccountSpec,
-    /// Worker container settings.
+    /// Worker container and pod settings.
     #[serde(default)]
     pub worker: WorkerSpec,
     /// Stop the processor without deleting it: no workers, the queue is not read (its messages
@@ -151,6 +156,8 @@ pub enum ScalingEngine {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minInstances <= self.maxInstances").message("scaling.minInstances must not be greater than scaling.maxInstances").field_path(".minInstances"))]
+#[x_kube(validation = Rule::new("!has(self.identityOwner) || self.identityOwner != 'workload' || !has(self.kedaRoleArn)").message("scaling.identityOwner: workload and scaling.kedaRoleArn exclude each other: KEDA uses the workers' role or the one given").field_path(".identityOwner"))]
+#[x_kube(validation = Rule::new("!has(self.fallback) || self.fallback.replicas <= self.maxInstances").message("scaling.fallback.replicas must not be greater than scaling.maxInstances").field_path(".fallback.replicas"))]
 pub struct Scaling {
     /// builtin (default) or keda.
     #[serde(default)]
@@ -181,6 +188,51 @@ pub struct Scaling {
     #[x_kube(validation = Rule::new(r"self.matches('^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$')").message("scaling.kedaRoleArn must be an IAM role ARN"))]
     #[schemars(length(max = 600))]
     pub keda_role_arn: Option<String>,
+    /// Queue length at or below which the workers are not started from zero (KEDA's
+    /// activationQueueLength, both engines): the processor becomes active, and its cooldown
+    /// restarts, only when visible + in-flight messages exceed it. Once running, the workers
+    /// follow messagesPerInstance as usual. 0 (default): any message starts them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub activation_queue_length: i32,
+    /// keda engine only: whose AWS identity KEDA reads the queue with. keda (default): KEDA's
+    /// own, or the role it assumes (kedaRoleArn, else serviceAccount.roleArn); workload: the
+    /// role on the workers' ServiceAccount (serviceAccount.roleArn, required), read by KEDA
+    /// from its eks.amazonaws.com/role-arn annotation, so no role needs to trust KEDA's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_owner: Option<IdentityOwner>,
+    /// Workers to run while the queue cannot be read (both engines; KEDA's fallback with its
+    /// static behaviour): after failureThreshold failed reads in a row the workers go to
+    /// replicas (within minInstances..maxInstances) until a read succeeds. Unset (default): the
+    /// workers stay as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+/// Whose AWS identity KEDA uses (its TriggerAuthentication's podIdentity.identityOwner).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityOwner {
+    /// KEDA's own identity, or a role it assumes.
+    Keda,
+    /// The workers' ServiceAccount role.
+    Workload,
+}
+
+/// What the workers do while the queue cannot be read.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Fallback {
+    /// Failed queue reads in a row before the fallback applies.
+    #[schemars(range(min = 1, max = 1000))]
+    pub failure_threshold: i32,
+    /// Workers while it applies.
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
 }
 
 fn default_max_instances() -> i32 {
@@ -206,6 +258,9 @@ impl Default for Scaling {
             polling_interval_seconds: default_polling_interval(),
             cooldown_seconds: default_cooldown(),
             keda_role_arn: None,
+            activation_queue_length: 0,
+            identity_owner: None,
+            fallback: None,
         }
     }
 }
@@ -391,9 +446,11 @@ pub struct ServiceAccountSpec {
     pub role_arn: Option<String>,
 }
 
-/// Worker container settings.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+/// Worker container and pod settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.podLabels) || self.podLabels.all(k, !k.startsWith('lakechain.dev/') && !(k in ['app.kubernetes.io/name', 'app.kubernetes.io/component', 'app.kubernetes.io/part-of', 'app.kubernetes.io/managed-by']))").message("worker.podLabels must not set lakechain.dev/* or the app.kubernetes.io name, component, part-of and managed-by labels: the operator selects its pods by them").field_path(".podLabels"))]
+#[x_kube(validation = Rule::new("!has(self.podAnnotations) || !('karpenter.sh/do-not-disrupt' in self.podAnnotations)").message("worker.podAnnotations must not set karpenter.sh/do-not-disrupt: the operator keeps busy workers' nodes").field_path(".podAnnotations"))]
 pub struct WorkerSpec {
     /// Worker image. Default: the operator's --worker-image (set by the Helm chart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -413,6 +470,37 @@ pub struct WorkerSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub env: Vec<EnvVar>,
+    /// Labels added to the worker pods and the cache-warm Job's pod (cost allocation, mesh
+    /// opt-outs, policy selectors).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub pod_labels: BTreeMap<String, String>,
+    /// Annotations added to the worker pods and the cache-warm Job's pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub pod_annotations: BTreeMap<String, String>,
+    /// Extra tolerations for the worker pods, with any provisioner (GPU workers always tolerate
+    /// nvidia.com/gpu; compute.tolerations, for existing nodes, are added too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<Toleration>,
+    /// Affinity of the worker pods. With a Karpenter pool the pods already select its nodes;
+    /// a node affinity that its requirements cannot meet leaves them Pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Topology spread of the worker pods (e.g. across zones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// PriorityClass of the worker pods and the cache-warm Job's pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+    /// Secrets (in this namespace) to pull the worker image with, for the workers and the
+    /// cache-warm Job.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
 }
 
 /// Observed state. The operator never writes spec.
@@ -422,9 +510,10 @@ pub struct ClipProcessorStatus {
     /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready (summary), Progressing, Degraded, CacheReady, NodePoolReady, ScalerReady,
-    /// WorkersAvailable.
+    /// Ready (summary), Progressing, Degraded, Suspended, CacheReady, NodePoolReady,
+    /// ScalerReady, WorkersAvailable; one of each type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Worker replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -497,6 +586,8 @@ mod tests {
             "scaling.minInstances must not be greater than scaling.maxInstances",
             "\"name\":\"Replicas\"",
             "\"shortNames\":[\"clip\"]",
+            "\"description\":\"A CLIP image processor: reads Lakechain events",
+            "\"x-kubernetes-list-map-keys\":[\"type\"],\"x-kubernetes-list-type\":\"map\"",
         ] {
             assert!(crd.contains(needle), "CRD lacks {needle}");
         }

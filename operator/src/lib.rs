@@ -5,6 +5,7 @@
 //! * [`reconcile`]: validate -> build -> apply -> status, and the controller around it.
 //! * [`scaler`]: the builtin scaler's decision (pure) and queue reader.
 //! * [`render`]: offline rendering of what the operator applies.
+//! * [`schema`]: the API server's structural-schema checks, offline, for `render`.
 //! * [`external`]: Karpenter and KEDA types generated from their CRDs.
 
 pub mod crd;
@@ -13,3 +14,4 @@ pub mod metrics;
 pub mod reconcile;
 pub mod render;
 pub mod scaler;
+pub mod schema;

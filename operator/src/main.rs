@@ -185,10 +185,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "/metrics",
             get(|State(p): State<Probe>| async move {
                 (
-                    [(
-                        header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
+                    [(header::CONTENT_TYPE, clip_contract::metrics::CONTENT_TYPE)],
                     p.metrics.encode(),
                 )
             }),

@@ -1,7 +1,8 @@
 //! `clip-operator render -f FILE`: offline and deterministic, every object the operator would
 //! apply for the `ClipProcessor`s in FILE, as multi-document YAML (for GitOps diffs and reviews).
 //! Owner references need the live object's uid, so they are left out; everything else is what
-//! the operator applies.
+//! the operator applies. A manifest the API server would refuse is refused here too: the CRD's
+//! schema and unknown fields ([`schema`]), then its CEL rules and the operator's own checks.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -9,6 +10,7 @@ use serde_json::Value;
 use crate::crd::ClipProcessor;
 use crate::reconcile::build::{self, Children};
 use crate::reconcile::validate::{OperatorSettings, validate};
+use crate::schema;
 
 /// Renders every `ClipProcessor` in `yaml` (one or many documents).
 pub fn render(yaml: &str, settings: &OperatorSettings) -> Result<String, String> {
@@ -27,6 +29,19 @@ pub fn render(yaml: &str, settings: &OperatorSettings) -> Result<String, String>
         if (api_version, kind) != ("lakechain.dev/v1alpha1", "ClipProcessor") {
             return Err(where_(format!(
                 "expected apiVersion lakechain.dev/v1alpha1, kind ClipProcessor; got {api_version:?}, {kind:?}"
+            )));
+        }
+        // What the API server refuses before CEL: the schema and unknown fields (as kubectl's
+        // default strict field validation does).
+        let name = value["metadata"]["name"]
+            .as_str()
+            .unwrap_or("<unnamed>")
+            .to_string();
+        let violations = schema::clip_processor_violations(&value);
+        if !violations.is_empty() {
+            return Err(where_(format!(
+                "ClipProcessor {name:?} is invalid:\n  {}",
+                violations.join("\n  ")
             )));
         }
         let mut cp: ClipProcessor = serde_path_to_error::deserialize(value)
@@ -146,6 +161,31 @@ spec:
         )
         .unwrap_err();
         assert!(e.contains("spec.scaling.maxInstances"), "{e}");
+        // What the API server refuses for its schema, not for a CEL rule.
+        let e = render(
+            &MANIFEST.replace("scaling: {engine: keda}", "scaling: {maxInstances: 0}"),
+            &s,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains(
+                "spec.scaling.maxInstances: Invalid value: 0: should be greater than or equal to 1"
+            ),
+            "{e}"
+        );
+        let e = render(
+            &MANIFEST.replace(
+                "scaling: {engine: keda}",
+                "scaling: {engin: keda, maxInstances: 1001}",
+            ),
+            &s,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("unknown field \"spec.scaling.engin\"")
+                && e.contains("less than or equal to 1000"),
+            "every violation is listed: {e}"
+        );
         let e = render(
             &MANIFEST
                 .replace("model", "model: ViT-H/14\n  x")

@@ -167,9 +167,65 @@ fn operator_on_a_real_control_plane() {
     // --- CRDs: ours and the upstream Karpenter/KEDA ones, so every object we emit is validated.
     crds(&cp);
     cp.ok(&["create", "namespace", NS]);
+    // `kubectl explain` describes the kind, not the Rust type it was derived from.
+    let explain = cp.ok(&["explain", "clipprocessor"]);
+    assert!(
+        explain.contains("A CLIP image processor") && !explain.contains("Auto-generated"),
+        "{explain}"
+    );
 
-    // --- Invalid manifests are rejected by the API server with the CEL message.
+    // --- Invalid manifests are rejected by the API server with the CEL or schema message, and
+    // `clip-operator render` refuses each of them with the same words; what one accepts, so
+    // does the other.
+    let settings = clip_operator::reconcile::validate::OperatorSettings::default();
+    for good in [manifest(""), manifest(&scaling("keda", 1000))] {
+        let out = cp.apply(&good.replace("name: photos", "name: accepted"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        clip_operator::render::render(&good, &settings).expect("render accepts it too");
+    }
+    cp.ok(&[
+        "delete",
+        "clipprocessor",
+        "accepted",
+        "-n",
+        NS,
+        "--wait=false",
+    ]);
     for (what, bad, message) in [
+        (
+            "no workers at most",
+            manifest("  scaling:\n    maxInstances: 0\n"),
+            "spec.scaling.maxInstances: Invalid value: 0: should be greater than or equal to 1",
+        ),
+        (
+            "a string for a number",
+            manifest("  scaling:\n    maxInstances: \"5\"\n"),
+            "spec.scaling.maxInstances: Invalid value: \"string\"",
+        ),
+        (
+            "a misspelt field",
+            manifest("  scaling:\n    engin: keda\n"),
+            "unknown field \"spec.scaling.engin\"",
+        ),
+        (
+            "a bucket name too long",
+            manifest("").replace("bucket: lakechain-cache", &format!("bucket: {}", "b".repeat(64))),
+            "spec.cacheStorage.bucket: Too long: may not be more than 63",
+        ),
+        (
+            "no source",
+            manifest("").replace("  source:\n    queueUrl: https://sqs.us-east-1.amazonaws.com/123456789012/clip-input\n", ""),
+            "spec.source: Required value",
+        ),
+        (
+            "no instance type",
+            manifest("  compute:\n    instanceTypes: []\n"),
+            "spec.compute.instanceTypes",
+        ),
         (
             "min > max",
             manifest("  scaling:\n    minInstances: 6\n    maxInstances: 5\n"),
@@ -208,6 +264,11 @@ fn operator_on_a_real_control_plane() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{what}: accepted");
         assert!(err.contains(message), "{what}: {err}");
+        let offline = clip_operator::render::render(&bad, &settings)
+            .expect_err(&format!("render accepts what the API server refused ({what})"));
+        // The API server names the type it got; render names the value.
+        let message = message.replace("\"string\"", "\"5\"");
+        assert!(offline.contains(&message), "{what}: render says {offline}");
     }
 
     // --- The operator and a real queue.
@@ -237,6 +298,15 @@ fn operator_on_a_real_control_plane() {
         },
     );
     let uid = cr["metadata"]["uid"].as_str().unwrap().to_string();
+    // Prometheus is told it gets OpenMetrics, which is what prometheus-client writes.
+    let exposition = op_a.metrics();
+    assert!(
+        exposition
+            .to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{exposition}"
+    );
+    assert!(exposition.trim_end().ends_with("# EOF"), "{exposition}");
     for t in [
         "Ready",
         "Progressing",

@@ -227,6 +227,13 @@ fn events_in_vectors_and_enriched_events_out() {
     }
 
     assert_eq!(worker.get("/healthz").unwrap().0, 200);
+    // Prometheus is told it gets OpenMetrics, which is what prometheus-client writes.
+    let (_, head, body) = worker.get_with_headers("/metrics").unwrap();
+    assert!(
+        head.contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
     assert!(
         worker.metric("clip_worker_messages_total{outcome=\"succeeded\"}") >= cases.len() as f64
     );

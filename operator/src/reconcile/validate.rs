@@ -251,6 +251,33 @@ mod tests {
             ),
             "{e}"
         );
+        let e = err(json!({"worker": {"podLabels": {"app.kubernetes.io/name": "x"}}}));
+        assert!(e.contains("worker.podLabels must not set"), "{e}");
+        let e = err(json!({"worker": {"podLabels": {"lakechain.dev/processor": "other"}}}));
+        assert!(e.contains("worker.podLabels must not set"), "{e}");
+        let e =
+            err(json!({"worker": {"podAnnotations": {"karpenter.sh/do-not-disrupt": "false"}}}));
+        assert!(
+            e.contains("worker.podAnnotations must not set karpenter.sh/do-not-disrupt"),
+            "{e}"
+        );
+        let e = err(json!({"scaling": {"engine": "keda", "identityOwner": "workload"}}));
+        assert!(
+            e.contains("scaling.identityOwner: workload needs serviceAccount.roleArn"),
+            "{e}"
+        );
+        let e = err(
+            json!({"scaling": {"identityOwner": "workload", "kedaRoleArn": "arn:aws:iam::123456789012:role/k"},
+                           "serviceAccount": {"roleArn": "arn:aws:iam::123456789012:role/w"}}),
+        );
+        assert!(e.contains("exclude each other"), "{e}");
+        let e = err(
+            json!({"scaling": {"maxInstances": 3, "fallback": {"failureThreshold": 2, "replicas": 4}}}),
+        );
+        assert!(
+            e.contains("scaling.fallback.replicas must not be greater than scaling.maxInstances"),
+            "{e}"
+        );
         let e = err(
             json!({"worker": {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}}),
         );

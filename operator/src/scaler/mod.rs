@@ -2,12 +2,12 @@
 //! is available without KEDA and is tested without a cluster.
 //!
 //! * queue length = visible + in flight (busy workers keep the processor active);
-//! * active when the length is above 0;
-//! * while active, target `ceil(length / messagesPerInstance)` within `[max(min, 1), max]`;
-//!   scaling up happens at once, scaling down only to the highest target of the stabilisation
-//!   window (the HPA's rule);
-//! * while inactive, hold until `cooldownSeconds` have passed since the queue was last active,
-//!   then go to `minInstances`.
+//! * active when the length is above `activationQueueLength` (0 by default);
+//! * while workers run (or the queue is active), target `ceil(length / messagesPerInstance)`
+//!   within `[max(min, 1), max]`; scaling up happens at once, scaling down only to the highest
+//!   target of the stabilisation window (the HPA's rule);
+//! * while inactive, no worker is started from zero, and running ones go to `minInstances` once
+//!   `cooldownSeconds` have passed since the queue was last active.
 //!
 //! Deliberate differences: from zero we go straight to the target (KEDA activates to 1, then the
 //! HPA scales up on its next sync); the stabilisation window is `min(cooldownSeconds, 300)`, and
@@ -38,6 +38,8 @@ pub struct ScaleInput {
     pub min: i32,
     pub max: i32,
     pub per_instance: i32,
+    /// Active only above this length.
+    pub activation: u64,
     pub now: Timestamp,
     /// When the queue was last seen non-empty.
     pub last_active: Option<Timestamp>,
@@ -61,6 +63,7 @@ impl ScaleInput {
             min: s.min_instances,
             max: s.max_instances,
             per_instance: s.messages_per_instance.max(1),
+            activation: s.activation_queue_length.max(0) as u64,
             now,
             last_active,
             cooldown: SignedDuration::from_secs(i64::from(s.cooldown_seconds)),
@@ -129,9 +132,14 @@ impl History {
 /// One scaler tick.
 pub fn decide(i: &ScaleInput, history: &mut History) -> Decision {
     let length = i.visible + i.in_flight;
-    let active = length > 0;
+    let active = i.is_active();
     let floor = i.min.max(1).min(i.max);
-    let (desired, reason) = if active {
+    let cooled = i
+        .last_active
+        .is_none_or(|t| i.now.duration_since(t) >= i.cooldown);
+    let (desired, reason) = if active || (i.current > 0 && !(cooled && i.min == 0)) {
+        // The HPA's part: it runs while there are workers, active or in cooldown (below the
+        // activation length the queue may still hold messages, and they are worked on).
         let target =
             (length.div_ceil(i.per_instance as u64).min(i.max as u64) as i32).clamp(floor, i.max);
         let stabilized = history.record(i.now, target, i.stabilization);
@@ -140,50 +148,40 @@ pub fn decide(i: &ScaleInput, history: &mut History) -> Decision {
         } else {
             // Scale down only as far as the highest recommendation of the window allows.
             let d = stabilized.min(i.current).max(target);
-            (
-                d,
-                if d < i.current {
-                    Reason::ScaleDown
-                } else {
-                    Reason::Steady
-                },
-            )
+            let reason = match d < i.current {
+                true if !active && cooled && d == i.min => Reason::CooledDown,
+                true => Reason::ScaleDown,
+                false if active => Reason::Steady,
+                false => Reason::Cooldown,
+            };
+            (d, reason)
         }
     } else if i.current < i.min {
         history.record(i.now, i.min, i.stabilization);
         (i.min, Reason::ScaleUp)
     } else {
-        let cooled = i
-            .last_active
-            .is_none_or(|t| i.now.duration_since(t) >= i.cooldown);
-        if cooled {
-            history.record(i.now, i.min, i.stabilization);
-            (
-                i.min,
-                if i.current > i.min {
-                    Reason::CooledDown
-                } else {
-                    Reason::Steady
-                },
-            )
-        } else {
-            // In cooldown the HPA still works toward its floor, within the stabilisation window.
-            let stabilized = history.record(i.now, floor, i.stabilization);
-            let d = stabilized.min(i.current).max(floor.min(i.current));
-            (
-                d,
-                if d < i.current {
-                    Reason::ScaleDown
-                } else {
-                    Reason::Cooldown
-                },
-            )
-        }
+        // Inactive with no worker, or cooled down with minInstances 0.
+        history.record(i.now, i.min, i.stabilization);
+        (
+            i.min,
+            if i.current > i.min {
+                Reason::CooledDown
+            } else {
+                Reason::Steady
+            },
+        )
     };
     Decision {
         desired,
         active,
         reason,
+    }
+}
+
+impl ScaleInput {
+    /// KEDA's `isActive`: the queue length is above the activation length.
+    pub fn is_active(&self) -> bool {
+        self.visible + self.in_flight > self.activation
     }
 }
 
@@ -301,6 +299,42 @@ mod tests {
             .desired,
             0
         );
+    }
+
+    #[test]
+    fn below_the_activation_length_no_worker_starts_but_running_ones_work_it_off() {
+        let s = Scaling {
+            activation_queue_length: 20,
+            cooldown_seconds: 60,
+            ..Scaling::default()
+        };
+        let at = |visible, current, secs, last: Option<i64>, h: &mut History| {
+            decide(
+                &ScaleInput::from_spec(&s, visible, 0, current, t(secs), last.map(t)),
+                h,
+            )
+        };
+        let mut h = History::default();
+        // 20 messages do not start a worker (active means strictly more); 21 do, straight to
+        // the target.
+        let d = at(20, 0, 0, None, &mut h);
+        assert_eq!((d.desired, d.active, d.reason), (0, false, Reason::Steady));
+        let d = at(21, 0, 0, None, &mut h);
+        assert_eq!((d.desired, d.active, d.reason), (3, true, Reason::ScaleUp));
+        // Back below it with workers running: they keep following the queue (HPA), and go to
+        // zero only after the cooldown from the last active read.
+        let d = at(15, 3, 10, Some(0), &mut h);
+        assert_eq!(
+            (d.desired, d.active, d.reason),
+            (3, false, Reason::Cooldown)
+        );
+        let d = at(15, 3, 59, Some(0), &mut h);
+        assert_eq!(d.desired, 3, "stabilised");
+        let d = at(15, 3, 60, Some(0), &mut h);
+        assert_eq!((d.desired, d.reason), (0, Reason::CooledDown));
+        // The default (0) is the old rule: any message is activity.
+        let d = decide(&input(1, 0, 0), &mut History::default());
+        assert!(d.active);
     }
 
     #[test]

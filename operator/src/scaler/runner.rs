@@ -300,6 +300,8 @@ struct State {
     written: Option<(ScalerStatus, Instant)>,
     /// A scale-up is being held for the cache (logged once).
     holding: bool,
+    /// Failed queue reads in a row (for `scaling.fallback`).
+    failures: i32,
 }
 
 async fn run(
@@ -315,6 +317,7 @@ async fn run(
         last_scale: seed.last_scale,
         written: None,
         holding: false,
+        failures: 0,
     };
     let mut next = Instant::now();
     loop {
@@ -368,12 +371,28 @@ async fn tick(s: &Settings, st: &mut State, env: &Env, observation: &Mutex<Obser
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(processor = %processor, "cannot read the queue: {e}");
+            st.failures = st.failures.saturating_add(1);
+            let mut why = e.to_string();
+            let mut fell_back = None;
+            if let Some(f) = &s.scaling.fallback
+                && st.failures >= f.failure_threshold
+            {
+                let replicas = f
+                    .replicas
+                    .clamp(s.scaling.min_instances, s.scaling.max_instances);
+                why = format!("{why} (fallback: {replicas} workers until a read succeeds)");
+                fell_back = Some(fall_back(s, st, env, replicas).await);
+            }
             observe(env, s, observation, |o| {
-                o.queue = Some(QueueRead::Unreadable(e.to_string()))
+                o.queue = Some(QueueRead::Unreadable(why));
+                if let Some(scale_error) = fell_back {
+                    o.scale_error = scale_error;
+                }
             });
             return;
         }
     };
+    st.failures = 0;
     let now = env.now();
     for (state, v) in [("visible", depth.visible), ("in_flight", depth.in_flight)] {
         let l = QueueLabels {
@@ -383,7 +402,7 @@ async fn tick(s: &Settings, st: &mut State, env: &Env, observation: &Mutex<Obser
         };
         env.metrics.queue_messages.get_or_create(&l).set(v as i64);
     }
-    if depth.visible + depth.in_flight > 0 {
+    if depth.visible + depth.in_flight > s.scaling.activation_queue_length.max(0) as u64 {
         st.last_active = Some(now);
     }
     let scale_error = scale(s, st, env, depth, now).await;
@@ -464,6 +483,47 @@ async fn scale(
     );
     tracing::info!(processor = %processor, "{reason}: {note}");
     env.target.event(&s.reference, reason, note).await;
+    None
+}
+
+/// `scaling.fallback`: the queue has been unreadable `failureThreshold` times in a row, so the
+/// workers go to the fallback count (a scale-up still waits for the model cache).
+async fn fall_back(s: &Settings, st: &mut State, env: &Env, replicas: i32) -> Option<ScalerError> {
+    // As KEDA's synthetic metric does for the HPA: the fallback is a recommendation, so once the
+    // queue is readable again the workers come down only through the stabilisation window.
+    let window = SignedDuration::from_secs(i64::from(super::stabilization_seconds(&s.scaling)));
+    st.history.record(env.now(), replicas, window);
+    let current = match env.target.replicas(&s.namespace, &s.deployment).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return None,
+        Err(e) => return Some(e),
+    };
+    if current == replicas || (replicas > current && !s.warmed) {
+        return None;
+    }
+    if let Err(e) = env
+        .target
+        .scale(&s.namespace, &s.deployment, replicas)
+        .await
+    {
+        count_refused(env, Child::Scale);
+        return Some(e);
+    }
+    st.last_scale = Some(env.now());
+    env.metrics
+        .decisions
+        .get_or_create(&DecisionLabels {
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+            reason: "Fallback".into(),
+        })
+        .inc();
+    let note = format!(
+        "workers {current} -> {replicas}: the queue could not be read {} times in a row",
+        st.failures
+    );
+    tracing::warn!(processor = %key(&s.namespace, &s.name), "Fallback: {note}");
+    env.target.event(&s.reference, "Fallback", note).await;
     None
 }
 

@@ -84,10 +84,7 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 async fn metrics_text(State(s): State<AppState>) -> impl IntoResponse {
     s.metrics.ready.set(i64::from(s.health.ready()));
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, clip_contract::metrics::CONTENT_TYPE)],
         s.metrics.encode(),
     )
 }

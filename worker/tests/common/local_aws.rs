@@ -396,17 +396,20 @@ impl Worker {
 
     /// GET a path on the worker's HTTP port: (status, body).
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        let (status, _, body) = self.get_with_headers(path)?;
+        Some((status, body))
+    }
+
+    /// Status, header block (lower-cased) and body of `GET path`.
+    pub fn get_with_headers(&self, path: &str) -> Option<(u16, String, String)> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
         write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
         let mut buf = String::new();
         s.read_to_string(&mut buf).ok()?;
         let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-        let body = buf
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Some((status, body))
+        let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+        Some((status, head.to_ascii_lowercase(), body.to_string()))
     }
 
     /// Waits until `/readyz` answers 200.

@@ -7,7 +7,7 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     CSIPersistentVolumeSource, Container, EnvVar, ObjectReference, PersistentVolume,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
-    PersistentVolumeSpec, PodSpec, PodTemplateSpec, Volume, VolumeMount,
+    PersistentVolumeSpec, PodSpec, PodTemplateSpec, ResourceRequirements, Volume, VolumeMount,
     VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -87,6 +87,22 @@ pub fn persistent_volume_claim(p: &ValidatedProcessor) -> PersistentVolumeClaim 
 
 /// Downloads this processor's model into the shared cache once, before (and while) workers
 /// start; the workers' own download-once lock makes a race with them harmless.
+/// The cache-warm container: a quarter CPU and 512 MiB requested, at most 1 CPU and 2 GiB.
+fn warm_resources() -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.to_string());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".into(), q("250m")),
+            ("memory".into(), q("512Mi")),
+        ])),
+        limits: Some(BTreeMap::from([
+            ("cpu".into(), q("1")),
+            ("memory".into(), q("2Gi")),
+        ])),
+        ..Default::default()
+    }
+}
+
 pub fn cache_warm_job(p: &ValidatedProcessor) -> Job {
     let claim = names::mounted_claim(p).unwrap_or_default();
     let mut env = vec![
@@ -115,7 +131,9 @@ pub fn cache_warm_job(p: &ValidatedProcessor) -> Job {
             .filter(|e| e.name == clip_contract::env::CLIP_WEIGHTS_SOURCE)
             .cloned(),
     );
-    let mut pod_labels = labels(p, "cache-warm");
+    let w = &p.spec.worker;
+    let mut pod_labels = w.pod_labels.clone();
+    pod_labels.extend(labels(p, "cache-warm"));
     pod_labels.insert(
         "lakechain.dev/model".into(),
         p.model.slug.to_ascii_lowercase(),
@@ -129,10 +147,14 @@ pub fn cache_warm_job(p: &ValidatedProcessor) -> Job {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
+                    annotations: (!w.pod_annotations.is_empty()).then(|| w.pod_annotations.clone()),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
                     restart_policy: Some("OnFailure".into()),
+                    priority_class_name: w.priority_class_name.clone(),
+                    image_pull_secrets: (!w.image_pull_secrets.is_empty())
+                        .then(|| w.image_pull_secrets.clone()),
                     service_account_name: Some(names::worker(p)),
                     containers: vec![Container {
                         name: "fetch-weights".into(),
@@ -145,6 +167,9 @@ pub fn cache_warm_job(p: &ValidatedProcessor) -> Job {
                             mount_path: clip_contract::CACHE_MOUNT_PATH.into(),
                             ..Default::default()
                         }]),
+                        // Requests and limits, so a namespace whose ResourceQuota requires
+                        // them admits the Job; a download streams to disk and needs little.
+                        resources: Some(warm_resources()),
                         security_context: Some(container_security()),
                         ..Default::default()
                     }],
@@ -252,5 +277,42 @@ mod tests {
             "weights"
         );
         assert_eq!(pod.security_context.unwrap().run_as_user, Some(1000));
+    }
+
+    #[test]
+    fn the_cache_warm_job_gets_pull_secrets_labels_priority_and_resources() {
+        let p = processor(json!({
+            "modelCache": {"none": null, "claimName": "weights"},
+            "worker": {
+                "podLabels": {"team": "search", "cost-center": "ml"},
+                "podAnnotations": {"sidecar.istio.io/inject": "false"},
+                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+                "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 50, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}},
+                "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}],
+                "priorityClassName": "batch-high",
+                "imagePullSecrets": [{"name": "registry"}]
+            }
+        }));
+        let t = cache_warm_job(&p).spec.unwrap().template;
+        let (meta, pod) = (t.metadata.unwrap(), t.spec.unwrap());
+        assert_eq!(meta.labels.unwrap()["team"], "search");
+        assert_eq!(
+            meta.annotations.unwrap()["sidecar.istio.io/inject"],
+            "false"
+        );
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+        assert_eq!(pod.priority_class_name.as_deref(), Some("batch-high"));
+        // GPU-node placement is for the workers: the Job runs anywhere.
+        assert!(pod.tolerations.is_none() && pod.affinity.is_none());
+        // A ResourceQuota on requests and limits admits it.
+        let r = pod.containers[0].resources.clone().unwrap();
+        for key in ["cpu", "memory"] {
+            assert!(
+                r.requests.as_ref().unwrap().contains_key(key),
+                "request {key}"
+            );
+            assert!(r.limits.as_ref().unwrap().contains_key(key), "limit {key}");
+        }
     }
 }

@@ -171,6 +171,8 @@ pub fn deployment(p: &ValidatedProcessor) -> Deployment {
             p.spec.compute.node_selector.clone()
         }
     };
+    let w = &p.spec.worker;
+    tolerations.extend(w.tolerations.iter().cloned());
     let container = Container {
         name: "worker".into(),
         image: Some(p.image.clone()),
@@ -205,8 +207,14 @@ pub fn deployment(p: &ValidatedProcessor) -> Deployment {
         security_context: Some(container_security()),
         ..Default::default()
     };
-    let mut pod_labels = labels(p, "worker");
+    // The user's labels and annotations first; the operator's (a CEL rule keeps them apart)
+    // always win.
+    let mut pod_labels = w.pod_labels.clone();
+    pod_labels.extend(labels(p, "worker"));
     pod_labels.extend(selector.clone());
+    let mut annotations = w.pod_annotations.clone();
+    // Karpenter never consolidates a node away from under a busy worker.
+    annotations.insert("karpenter.sh/do-not-disrupt".into(), "true".into());
     Deployment {
         metadata: meta(p, name.clone(), "worker"),
         spec: Some(DeploymentSpec {
@@ -227,11 +235,7 @@ pub fn deployment(p: &ValidatedProcessor) -> Deployment {
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    // Karpenter never consolidates a node away from under a busy worker.
-                    annotations: Some(BTreeMap::from([(
-                        "karpenter.sh/do-not-disrupt".into(),
-                        "true".into(),
-                    )])),
+                    annotations: Some(annotations),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
@@ -247,6 +251,12 @@ pub fn deployment(p: &ValidatedProcessor) -> Deployment {
                     ]),
                     node_selector: (!node_selector.is_empty()).then_some(node_selector),
                     tolerations: (!tolerations.is_empty()).then_some(tolerations),
+                    affinity: w.affinity.clone(),
+                    topology_spread_constraints: (!w.topology_spread_constraints.is_empty())
+                        .then(|| w.topology_spread_constraints.clone()),
+                    priority_class_name: w.priority_class_name.clone(),
+                    image_pull_secrets: (!w.image_pull_secrets.is_empty())
+                        .then(|| w.image_pull_secrets.clone()),
                     termination_grace_period_seconds: Some(WORKER_GRACE_SECONDS + 15),
                     security_context: Some(pod_security()),
                     ..Default::default()
@@ -422,5 +432,53 @@ mod tests {
             "weights"
         );
         assert!(pod(json!({})).volumes.unwrap()[0].empty_dir.is_some());
+    }
+
+    #[test]
+    fn pod_overrides_reach_the_worker_pods_and_the_operators_labels_win() {
+        let p = processor(json!({
+            "modelCache": {"none": null, "claimName": "weights"},
+            "worker": {
+                "podLabels": {"team": "search", "cost-center": "ml"},
+                "podAnnotations": {"sidecar.istio.io/inject": "false"},
+                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+                "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 50, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}},
+                "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}],
+                "priorityClassName": "batch-high",
+                "imagePullSecrets": [{"name": "registry"}]
+            }
+        }));
+        let t = deployment(&p).spec.unwrap().template;
+        let (meta, pod) = (t.metadata.unwrap(), t.spec.unwrap());
+        let labels = meta.labels.unwrap();
+        assert_eq!(
+            (labels["team"].as_str(), labels["cost-center"].as_str()),
+            ("search", "ml")
+        );
+        assert_eq!(labels[LABEL_PROCESSOR], "photos");
+        let annotations = meta.annotations.unwrap();
+        assert_eq!(annotations["sidecar.istio.io/inject"], "false");
+        assert_eq!(annotations["karpenter.sh/do-not-disrupt"], "true");
+        let tolerations: Vec<_> = pod
+            .tolerations
+            .unwrap()
+            .into_iter()
+            .filter_map(|t| t.key)
+            .collect();
+        assert_eq!(tolerations, ["nvidia.com/gpu", "dedicated"]);
+        assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+        assert_eq!(pod.topology_spread_constraints.unwrap()[0].max_skew, 1);
+        assert_eq!(pod.priority_class_name.as_deref(), Some("batch-high"));
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+        // None of it by default.
+        let pod = deployment(&processor(json!({})))
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap();
+        assert!(pod.affinity.is_none() && pod.image_pull_secrets.is_none());
+        assert!(pod.priority_class_name.is_none() && pod.topology_spread_constraints.is_none());
     }
 }

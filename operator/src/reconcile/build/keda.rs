@@ -8,26 +8,37 @@
 use std::collections::BTreeMap;
 
 use super::{meta, names};
+use crate::crd::IdentityOwner;
 use crate::external::keda_scaled_object::{
     ScaledObject, ScaledObjectAdvanced, ScaledObjectAdvancedHorizontalPodAutoscalerConfig,
     ScaledObjectAdvancedHorizontalPodAutoscalerConfigBehavior,
-    ScaledObjectAdvancedHorizontalPodAutoscalerConfigBehaviorScaleDown, ScaledObjectScaleTargetRef,
-    ScaledObjectSpec, ScaledObjectTriggers, ScaledObjectTriggersAuthenticationRef,
+    ScaledObjectAdvancedHorizontalPodAutoscalerConfigBehaviorScaleDown, ScaledObjectFallback,
+    ScaledObjectFallbackBehavior, ScaledObjectScaleTargetRef, ScaledObjectSpec,
+    ScaledObjectTriggers, ScaledObjectTriggersAuthenticationRef,
 };
 use crate::external::keda_trigger_authentication::{
     TriggerAuthentication, TriggerAuthenticationPodIdentity,
-    TriggerAuthenticationPodIdentityProvider, TriggerAuthenticationSpec,
+    TriggerAuthenticationPodIdentityIdentityOwner, TriggerAuthenticationPodIdentityProvider,
+    TriggerAuthenticationSpec,
 };
 use crate::reconcile::validate::ValidatedProcessor;
 use crate::scaler::stabilization_seconds;
 
 /// The role KEDA assumes: scaling.kedaRoleArn, else the workers' role; none: KEDA's own identity.
+/// With `identityOwner: workload` KEDA takes the workers' role from their ServiceAccount itself.
 fn keda_role(p: &ValidatedProcessor) -> Option<String> {
+    if workload_identity(p) {
+        return None;
+    }
     p.spec
         .scaling
         .keda_role_arn
         .clone()
         .or_else(|| p.spec.service_account.role_arn.clone())
+}
+
+fn workload_identity(p: &ValidatedProcessor) -> bool {
+    p.spec.scaling.identity_owner == Some(IdentityOwner::Workload)
 }
 
 pub fn trigger_authentication(p: &ValidatedProcessor) -> TriggerAuthentication {
@@ -40,7 +51,8 @@ pub fn trigger_authentication(p: &ValidatedProcessor) -> TriggerAuthentication {
                 external_id: None,
                 identity_authority_host: None,
                 identity_id: None,
-                identity_owner: None,
+                identity_owner: workload_identity(p)
+                    .then_some(TriggerAuthenticationPodIdentityIdentityOwner::Workload),
                 identity_tenant_id: None,
             }),
             ..Default::default()
@@ -58,7 +70,10 @@ pub fn scaled_object(p: &ValidatedProcessor) -> ScaledObject {
             "queueLength".to_string(),
             s.messages_per_instance.to_string(),
         ),
-        ("activationQueueLength".to_string(), "0".to_string()),
+        (
+            "activationQueueLength".to_string(),
+            s.activation_queue_length.to_string(),
+        ),
         // Busy workers keep the scaler active: never scaled away in the middle of a batch.
         ("scaleOnInFlight".to_string(), "true".to_string()),
     ])
@@ -85,6 +100,11 @@ pub fn scaled_object(p: &ValidatedProcessor) -> ScaledObject {
             cooldown_period: Some(s.cooldown_seconds),
             min_replica_count: Some(s.min_instances),
             max_replica_count: Some(s.max_instances),
+            fallback: s.fallback.as_ref().map(|f| ScaledObjectFallback {
+                behavior: Some(ScaledObjectFallbackBehavior::Static),
+                failure_threshold: f.failure_threshold,
+                replicas: f.replicas,
+            }),
             advanced: Some(ScaledObjectAdvanced {
                 horizontal_pod_autoscaler_config: Some(ScaledObjectAdvancedHorizontalPodAutoscalerConfig {
                     behavior: Some(ScaledObjectAdvancedHorizontalPodAutoscalerConfigBehavior {
@@ -171,6 +191,39 @@ mod tests {
         assert!(
             !t.metadata.contains_key("awsEndpoint"),
             "the SDK's own endpoint"
+        );
+    }
+
+    #[test]
+    fn activation_fallback_and_workload_identity_reach_keda() {
+        let p = processor(json!({
+            "serviceAccount": {"roleArn": "arn:aws:iam::123456789012:role/w"},
+            "scaling": {"engine": "keda", "activationQueueLength": 40, "identityOwner": "workload",
+                        "fallback": {"failureThreshold": 3, "replicas": 2}}
+        }));
+        let so = scaled_object(&p);
+        assert_eq!(so.spec.triggers[0].metadata["activationQueueLength"], "40");
+        let f = so.spec.fallback.unwrap();
+        assert_eq!((f.failure_threshold, f.replicas), (3, 2));
+        assert_eq!(f.behavior, Some(ScaledObjectFallbackBehavior::Static));
+        let pi = trigger_authentication(&p).spec.pod_identity.unwrap();
+        assert_eq!(
+            (pi.identity_owner, pi.role_arn),
+            (
+                Some(TriggerAuthenticationPodIdentityIdentityOwner::Workload),
+                None
+            ),
+            "KEDA reads the role from the workers' ServiceAccount; roleArn would contradict it"
+        );
+        let p = processor(json!({"scaling": {"engine": "keda"}}));
+        assert!(scaled_object(&p).spec.fallback.is_none());
+        assert!(
+            trigger_authentication(&p)
+                .spec
+                .pod_identity
+                .unwrap()
+                .identity_owner
+                .is_none()
         );
     }
 

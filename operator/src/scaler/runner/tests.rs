@@ -338,6 +338,72 @@ async fn reconcile_is_asked_for_only_when_what_it_reports_changes() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_fallback_runs_its_workers_after_the_threshold_and_ends_with_a_good_read() {
+    let r = rig(FakeCluster::with_replicas(1));
+    let mut s = settings(true);
+    s.scaling.fallback = Some(crate::crd::Fallback {
+        failure_threshold: 3,
+        replicas: 4,
+    });
+    r.queue.fail("GetQueueAttributes: ServiceUnavailable");
+    r.scalers.ensure(s.clone(), Seed::default());
+    // Reads at 0 and 15 fail: below the threshold, the workers stay as they are.
+    run_for(20.0).await;
+    assert!(r.cluster.scales().is_empty());
+    // The third failure in a row: 4 workers, once.
+    run_for(30.0).await;
+    assert_eq!(r.cluster.scales(), vec![4]);
+    assert_eq!(r.cluster.events.lock().unwrap().as_slice(), ["Fallback"]);
+    assert_eq!(
+        r.scalers.observation("media", "photos").unwrap().queue,
+        Some(QueueRead::Unreadable(
+            "GetQueueAttributes: ServiceUnavailable (fallback: 4 workers until a read succeeds)"
+                .into()
+        ))
+    );
+    // A good read: the queue decides again (5 messages: 1 worker, but only once the
+    // stabilisation window has passed the fallback's recommendation).
+    r.queue.set(5, 0);
+    run_for(15.0).await;
+    assert_eq!(r.cluster.scales(), vec![4]);
+    assert_eq!(
+        r.scalers.observation("media", "photos").unwrap().queue,
+        Some(QueueRead::Readable)
+    );
+    // One failure after a success starts the count again.
+    r.queue.fail("GetQueueAttributes: ServiceUnavailable");
+    run_for(15.0).await;
+    assert_eq!(r.cluster.scales(), vec![4], "one failure is not three");
+    // Without a fallback (the default), failures never scale.
+    let r = rig(FakeCluster::with_replicas(1));
+    r.queue.fail("GetQueueAttributes: ServiceUnavailable");
+    r.scalers.ensure(settings(true), Seed::default());
+    run_for(600.0).await;
+    assert!(r.cluster.scales().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn below_the_activation_length_the_queue_starts_no_worker() {
+    let r = rig(FakeCluster::with_replicas(0));
+    let mut s = settings(true);
+    s.scaling.activation_queue_length = 50;
+    r.queue.set(50, 0);
+    r.scalers.ensure(s, Seed::default());
+    run_for(60.5).await;
+    assert!(r.cluster.scales().is_empty(), "50 messages do not activate");
+    assert!(
+        r.cluster
+            .statuses()
+            .iter()
+            .all(|st| st.last_active_time.is_none()),
+        "nor count as activity"
+    );
+    r.queue.set(51, 0);
+    run_for(15.0).await;
+    assert_eq!(r.cluster.scales(), vec![5]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn stopping_ends_the_loop_and_no_deployment_means_no_scaling() {
     let r = rig(FakeCluster::default());
     r.queue.set(25, 0);
