@@ -3,6 +3,7 @@
 events, and the model weights served over HTTP the way a cache-warm Job downloads them."""
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import os
@@ -253,6 +254,25 @@ def photos() -> list[Path]:
     return sorted(p for p in (FIXTURES / "images").iterdir() if p.suffix in MIME and not p.name.startswith("large"))
 
 
+PRIORITY_CLASS, PULL_SECRET = "clip-e2e", "clip-e2e-registry"
+
+
+def pod_policy(kube: Kube, namespace: str) -> None:
+    """What a shared cluster's namespace has: a PriorityClass the processor names, a pull secret,
+    and a ResourceQuota on requests and limits, so every pod (the cache-warm Job's too) must
+    declare its resources to be admitted."""
+    kube.apply({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                "metadata": {"name": PRIORITY_CLASS}, "value": 1000, "globalDefault": False})
+    auth = base64.b64encode(json.dumps({"auths": {"registry.invalid": {"auth": "dTpw"}}}).encode()).decode()
+    kube.apply({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+                "metadata": {"name": PULL_SECRET, "namespace": namespace}, "data": {".dockerconfigjson": auth}})
+    kube.apply({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "compute", "namespace": namespace},
+                "spec": {"hard": {"requests.cpu": "8", "requests.memory": "24Gi", "limits.memory": "48Gi"}}})
+    # Until the quota controller has counted the namespace, admission refuses every pod.
+    wait("the ResourceQuota to be counted", 60, lambda: kube.json(
+        "get", "resourcequota", "-n", namespace, "compute").get("status", {}).get("hard"))
+
+
 def processor(name: str, namespace: str, mw: Middleware, weights_url: str, claim: str, **scaling) -> dict:
     """A GPU ClipProcessor on existing nodes (the local node advertises nvidia.com/gpu), builtin
     scaler, shared cache on `claim`, weights from `weights_url`, AWS = the cluster's moto."""
@@ -278,6 +298,15 @@ def processor(name: str, namespace: str, mw: Middleware, weights_url: str, claim
                         {"name": "TORCH_THREADS", "value": "1"},
                         {"name": "MAX_IN_FLIGHT", "value": str(MAX_IN_FLIGHT)},
                         {"name": "PROGRESS_INTERVAL_SECONDS", "value": "5"}],
+                # Pod overrides a shared cluster asks for (pod_policy() creates what they name).
+                "podLabels": {"team": "e2e"},
+                "podAnnotations": {"e2e.lakechain.dev/run": "true"},
+                "tolerations": [{"key": "e2e.lakechain.dev/dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+                "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                               "whenUnsatisfiable": "ScheduleAnyway",
+                                               "labelSelector": {"matchLabels": {"team": "e2e"}}}],
+                "priorityClassName": PRIORITY_CLASS,
+                "imagePullSecrets": [{"name": PULL_SECRET}],
             },
         },
     }

@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from local import (MAX_IN_FLIGHT, OPERATOR_IMAGE, ROOT, WORKER_IMAGE, Kube, Middleware, WeightsServer, cache_volume,
-                   install_chart, log, photos, processor, wait)
+from local import (MAX_IN_FLIGHT, OPERATOR_IMAGE, PRIORITY_CLASS, PULL_SECRET, ROOT, WORKER_IMAGE, Kube, Middleware,
+                   WeightsServer, cache_volume, install_chart, log, photos, pod_policy, processor, wait)
 from observe import WEIGHTS, Sink, Watcher, check_enriched, ts
 
 NS, NAME, CLAIM = "e2e", "photos", "clip-model-cache"
@@ -33,6 +33,7 @@ def stack(cluster):
     log(f"loading the images into the node ({cluster.name} cluster)")
     cluster.load([OPERATOR_IMAGE, WORKER_IMAGE])
     kube.run("create", "namespace", NS, check=False)
+    pod_policy(kube, NS)
     log("installing the chart (helm upgrade --install --wait)")
     install_chart(kube, env)
     mw = Middleware(env["AWS_ENDPOINT_URL"], f"e2e-{int(time.time())}")
@@ -81,6 +82,12 @@ def test_the_cache_warm_job_fills_the_cache_in_a_real_pod_before_any_worker(stac
          lambda: kube.json("get", "job", "-n", NS, job).get("status", {}).get("succeeded", 0) >= 1)
     (pod,) = kube.json("get", "pods", "-n", NS, "-l", f"job-name={job}")["items"]
     assert pod["status"]["phase"] == "Succeeded"
+    # The namespace's ResourceQuota admitted it (it declares requests and limits), with the
+    # processor's pull secret, priority and pod labels.
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": PULL_SECRET}]
+    assert pod["spec"]["priorityClassName"] == PRIORITY_CLASS and pod["spec"]["priority"] == 1000
+    assert pod["metadata"]["labels"]["team"] == "e2e"
     assert pod["spec"]["containers"][0]["image"] == WORKER_IMAGE
     assert pod["spec"]["nodeName"] == env["CLIP_CLUSTER_NODE"]
     marker = stack["cluster"].read_cache_file("ViT-B-32/.complete.json")
@@ -116,6 +123,18 @@ def test_zero_to_n_every_event_enriched_and_its_vector_stored(stack):
     pods = wait("worker pods Ready", 60, lambda: [p for p in watcher.pods.values() if p.get("ready")])
     for p in pods:
         assert p["image"] == WORKER_IMAGE and p["node"] == stack["env"]["CLIP_CLUSTER_NODE"]
+    # worker.pod* overrides reach the running pods; the operator's own labels stay.
+    workers = kube.json("get", "pods", "-n", NS, "-l", "team=e2e,app.kubernetes.io/component=worker")["items"]
+    assert workers, "the worker pods carry worker.podLabels"
+    for pod in workers:
+        spec, meta = pod["spec"], pod["metadata"]
+        assert meta["labels"]["lakechain.dev/processor"] == NAME
+        assert meta["annotations"]["e2e.lakechain.dev/run"] == "true"
+        assert meta["annotations"]["karpenter.sh/do-not-disrupt"] == "true"
+        assert spec["priorityClassName"] == PRIORITY_CLASS and spec["priority"] == 1000
+        assert spec["imagePullSecrets"] == [{"name": PULL_SECRET}]
+        assert any(t.get("key") == "e2e.lakechain.dev/dedicated" for t in spec["tolerations"])
+        assert spec["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
 
     check_enriched(mw, sink, sent, pics)
     assert mw.depth(mw.input) == (0, 0)

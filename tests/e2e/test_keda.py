@@ -16,7 +16,7 @@ import time
 import pytest
 
 from local import (OPERATOR_IMAGE, ROOT, WORKER_IMAGE, Kube, Middleware, WeightsServer, cache_volume, install_chart,
-                   install_keda, log, photos, processor, wait)
+                   install_keda, log, photos, pod_policy, processor, wait)
 from observe import WEIGHTS, Sink, Watcher, check_enriched, ts
 
 NS, NAME, CLAIM = "e2e-keda", "photos", "clip-model-cache"
@@ -35,6 +35,7 @@ def stack(cluster):
     log("installing the chart (helm upgrade --install --wait)")
     install_chart(kube, env)
     kube.run("create", "namespace", NS, check=False)
+    pod_policy(kube, NS)
     mw = Middleware(env["AWS_ENDPOINT_URL"], f"keda-{int(time.time())}")
     weights = WeightsServer(WEIGHTS, env["CLIP_CLUSTER_HOST"])
     cache_volume(kube, env, NS, CLAIM)
