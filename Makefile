@@ -18,7 +18,7 @@ export CLIP_FIXTURES := $(FIXTURES)
 CARGO ?= cargo
 CARGO_FLAGS := --release --locked
 
-.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo demo-worker bench bench-images bench-operator crd dashboard clean images cluster-up cluster-down node-components keda prebuild e2e
+.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo demo-worker bench bench-images bench-operator crd chart chart-docs release dashboard clean images cluster-up cluster-down node-components keda prebuild e2e
 
 help:
 	@echo "make test    build everything and run every test (what CI runs; root + docker)"
@@ -31,6 +31,9 @@ help:
 	@echo "make bench-operator   1,000 processors on a real API server: readiness, scale latency, cost at rest"
 	@echo "make lint    cargo fmt --check + clippy -D warnings"
 	@echo "make crd     regenerate crds/ from the Rust types"
+	@echo "make chart   package the Helm chart (target/chart/clip-operator-<version>.tgz)"
+	@echo "make release REGISTRY=host/path   push both images and the chart to an OCI registry"
+	@echo "make chart-docs   regenerate charts/clip-operator/README.md from values.yaml (helm-docs)"
 	@echo "make envtest the operator against a real kube-apiserver + etcd (built from Go modules)"
 	@echo "make build-operator / build-worker   what the Dockerfiles build"
 
@@ -122,7 +125,24 @@ validate-manifests: build
 # Regenerates crds/ from the Rust types (a test fails when the committed file is stale).
 crd: build
 	target/release/clip-operator crd > crds/clipprocessors.lakechain.dev.yaml
-	cp crds/clipprocessors.lakechain.dev.yaml charts/clip-operator/crds/
+	cp crds/clipprocessors.lakechain.dev.yaml charts/clip-operator/files/
+
+# The chart as users pull it: helm package into target/chart/.
+chart: kube-tools
+	@mkdir -p target/chart
+	$$(bash scripts/kube-tools.sh)/helm package charts/clip-operator -d target/chart
+
+# Both images (tagged with the chart's appVersion) and the chart, pushed to any OCI registry;
+# the pushed chart's values name the pushed images. See scripts/release.sh.
+APP_VERSION := $(shell sed -n 's/^appVersion: *"\(.*\)"$$/\1/p' charts/clip-operator/Chart.yaml)
+release: build
+	@test -n "$(REGISTRY)" || { echo "usage: make release REGISTRY=<host>[:port]/<path>" >&2; exit 2; }
+	IMAGE_TAG=$(APP_VERSION) bash scripts/images.sh
+	IMAGE_TAG=$(APP_VERSION) REGISTRY=$(REGISTRY) bash scripts/release.sh
+
+# The chart's README from values.yaml's "# --" comments (helm-docs, built from its Go module).
+chart-docs:
+	$$(bash scripts/go-tools.sh helm-docs) --chart-search-root charts --template-files README.md.gotmpl
 
 # Regenerates the Grafana dashboard shipped in the chart.
 dashboard:

@@ -67,6 +67,10 @@ struct SettingsArgs {
     /// AWS_ENDPOINT_URL handed to the workers (emulators, private endpoints).
     #[arg(long, env = "WORKER_AWS_ENDPOINT_URL")]
     worker_aws_endpoint_url: Option<String>,
+    /// Pull secrets (names, comma-separated) every worker and cache-warm pod gets, looked up in
+    /// the processor's namespace, before the processor's own worker.imagePullSecrets.
+    #[arg(long, env = "WORKER_IMAGE_PULL_SECRETS", value_delimiter = ',')]
+    worker_image_pull_secrets: Vec<String>,
 }
 
 impl SettingsArgs {
@@ -76,6 +80,12 @@ impl SettingsArgs {
             worker_image: self.worker_image.clone().unwrap_or(d.worker_image),
             image_pull_policy: self.worker_image_pull_policy.clone(),
             aws_endpoint_url: self.worker_aws_endpoint_url.clone(),
+            image_pull_secrets: self
+                .worker_image_pull_secrets
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
             ..d
         }
     }

@@ -232,6 +232,7 @@ mod tests {
         for doc in [
             "charts/clip-operator/dashboards/clip-operator.json",
             "docs/operations.md",
+            "charts/clip-operator/templates/prometheusrule.yaml",
         ] {
             let text = std::fs::read_to_string(root.join(doc)).unwrap();
             let names = clip_contract::metrics::referenced(&text, "clip_operator_");

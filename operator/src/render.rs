@@ -169,7 +169,7 @@ spec:
         .unwrap_err();
         assert!(
             e.contains(
-                "spec.scaling.maxInstances: Invalid value: 0: should be greater than or equal to 1"
+                "spec.scaling.maxInstances: Invalid value: 0: spec.scaling.maxInstances in body should be greater than or equal to 1"
             ),
             "{e}"
         );

@@ -145,9 +145,9 @@ fn walk(v: &Value, s: &Value, path: &str, out: &mut Vec<String>) {
         _ => true,
     };
     if !ok {
+        let got = json_type(v);
         out.push(format!(
-            "{path}: Invalid value: {}: must be of type {ty}",
-            show(v)
+            "{path}: Invalid value: \"{got}\": {path} in body must be of type {ty}: \"{got}\""
         ));
         return;
     }
@@ -197,7 +197,7 @@ fn walk(v: &Value, s: &Value, path: &str, out: &mut Vec<String>) {
                 && n < min
             {
                 out.push(format!(
-                    "{path}: Invalid value: {n}: should have at least {min} items"
+                    "{path}: Invalid value: {n}: {path} in body should have at least {min} items"
                 ));
             }
             for (i, item) in items.iter().enumerate() {
@@ -211,14 +211,14 @@ fn walk(v: &Value, s: &Value, path: &str, out: &mut Vec<String>) {
                 && n > max
             {
                 out.push(format!(
-                    "{path}: Too long: may not be more than {max} characters"
+                    "{path}: Too long: may not be more than {max} bytes"
                 ));
             }
             if let Some(min) = s["minLength"].as_u64()
                 && n < min
             {
                 out.push(format!(
-                    "{path}: Invalid value: {}: should be at least {min} chars long",
+                    "{path}: Invalid value: {}: {path} in body should be at least {min} chars long",
                     show(v)
                 ));
             }
@@ -229,7 +229,7 @@ fn walk(v: &Value, s: &Value, path: &str, out: &mut Vec<String>) {
                 && x < min
             {
                 out.push(format!(
-                    "{path}: Invalid value: {}: should be greater than or equal to {}",
+                    "{path}: Invalid value: {}: {path} in body should be greater than or equal to {}",
                     show(v),
                     bound(min)
                 ));
@@ -238,7 +238,7 @@ fn walk(v: &Value, s: &Value, path: &str, out: &mut Vec<String>) {
                 && x > max
             {
                 out.push(format!(
-                    "{path}: Invalid value: {}: should be less than or equal to {}",
+                    "{path}: Invalid value: {}: {path} in body should be less than or equal to {}",
                     show(v),
                     bound(max)
                 ));
@@ -305,6 +305,19 @@ fn bound(x: f64) -> String {
     }
 }
 
+/// The JSON type of a value, as the API server names it.
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
 fn is_integer(v: &Value) -> bool {
     v.is_i64() || v.is_u64()
 }
@@ -363,19 +376,19 @@ mod tests {
     fn each_keyword_is_enforced_with_the_api_servers_words() {
         assert_eq!(
             one(json!({"scaling": {"maxInstances": 0}})),
-            "spec.scaling.maxInstances: Invalid value: 0: should be greater than or equal to 1"
+            "spec.scaling.maxInstances: Invalid value: 0: spec.scaling.maxInstances in body should be greater than or equal to 1"
         );
         assert_eq!(
             one(json!({"scaling": {"maxInstances": 1001}})),
-            "spec.scaling.maxInstances: Invalid value: 1001: should be less than or equal to 1000"
+            "spec.scaling.maxInstances: Invalid value: 1001: spec.scaling.maxInstances in body should be less than or equal to 1000"
         );
         assert_eq!(
             one(json!({"scaling": {"maxInstances": "5"}})),
-            "spec.scaling.maxInstances: Invalid value: \"5\": must be of type integer"
+            "spec.scaling.maxInstances: Invalid value: \"string\": spec.scaling.maxInstances in body must be of type integer: \"string\""
         );
         assert_eq!(
             one(json!({"scaling": {"maxInstances": 2.5}})),
-            "spec.scaling.maxInstances: Invalid value: 2.5: must be of type integer"
+            "spec.scaling.maxInstances: Invalid value: \"number\": spec.scaling.maxInstances in body must be of type integer: \"number\""
         );
         assert_eq!(
             one(json!({"model": "ViT-H/14"})),
@@ -383,11 +396,11 @@ mod tests {
         );
         assert_eq!(
             one(json!({"cacheStorage": {"bucket": "b".repeat(64)}})),
-            "spec.cacheStorage.bucket: Too long: may not be more than 63 characters"
+            "spec.cacheStorage.bucket: Too long: may not be more than 63 bytes"
         );
         assert_eq!(
             one(json!({"compute": {"instanceTypes": []}})),
-            "spec.compute.instanceTypes: Invalid value: 0: should have at least 1 items"
+            "spec.compute.instanceTypes: Invalid value: 0: spec.compute.instanceTypes in body should have at least 1 items"
         );
         assert_eq!(
             one(json!({"compute": {"instanceTypes": vec!["g5.xlarge"; 33]}})),
@@ -395,7 +408,7 @@ mod tests {
         );
         assert_eq!(
             one(json!({"worker": {"image": ""}})),
-            "spec.worker.image: Invalid value: \"\": should be at least 1 chars long"
+            "spec.worker.image: Invalid value: \"\": spec.worker.image in body should be at least 1 chars long"
         );
         assert_eq!(
             one(json!({"cacheStorage": {}})),
@@ -403,7 +416,7 @@ mod tests {
         );
         assert_eq!(
             one(json!({"labelExtraction": "yes"})),
-            "spec.labelExtraction: Invalid value: \"yes\": must be of type boolean"
+            "spec.labelExtraction: Invalid value: \"string\": spec.labelExtraction in body must be of type boolean: \"string\""
         );
         assert_eq!(
             one(json!({"scaling": {"maxInstance": 3}})),
@@ -421,7 +434,7 @@ mod tests {
         );
         assert_eq!(
             one(json!({"compute": {"nodeSelector": {"a": 1}}})),
-            "spec.compute.nodeSelector.a: Invalid value: 1: must be of type string"
+            "spec.compute.nodeSelector.a: Invalid value: \"integer\": spec.compute.nodeSelector.a in body must be of type string: \"integer\""
         );
         let mut m = manifest(json!({}));
         m["spec"]["source"] = Value::Null;

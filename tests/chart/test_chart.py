@@ -59,7 +59,7 @@ def test_every_rendered_object_is_valid_kubernetes(helm, values):
     expected = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment",
                 "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount"}
     if values:
-        expected |= {"ConfigMap", "PodMonitor", "ServiceMonitor"}
+        expected |= {"ConfigMap", "NetworkPolicy", "PodMonitor", "PrometheusRule", "ServiceMonitor"}
     assert set(kinds) == expected
 
 
@@ -77,6 +77,17 @@ def test_default_deployment_is_hardened_and_highly_available(helm):
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     (pdb,) = by_kind(render(helm), "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"] == d["spec"]["selector"]["matchLabels"]
+    # The replicas prefer different nodes and zones (soft, so a one-node cluster still runs both).
+    selector = d["spec"]["selector"]["matchLabels"]
+    (term,) = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
+    (spread,) = spec["topologySpreadConstraints"]
+    assert (spread["topologyKey"], spread["whenUnsatisfiable"]) == ("topology.kubernetes.io/zone", "ScheduleAnyway")
+    assert spread["labelSelector"]["matchLabels"] == selector
+    (d,) = by_kind(render(helm, "--set", "spreadReplicas=false"), "Deployment")
+    assert "affinity" not in d["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in d["spec"]["template"]["spec"]
 
 
 def test_values_reach_the_operator(helm):
@@ -88,6 +99,25 @@ def test_values_reach_the_operator(helm):
     assert c["image"] == "123456789012.dkr.ecr.us-east-1.amazonaws.com/clip-operator:v0.1.0-rc1"
     assert env["WORKER_IMAGE"] == "123456789012.dkr.ecr.us-east-1.amazonaws.com/clip-worker:v0.1.0-rc1-cu130"
     assert env["WORKER_IMAGE_PULL_POLICY"] == "Always"
+    assert env["WORKER_IMAGE_PULL_SECRETS"] == "ecr-pull,mirror-pull"
+    assert spec["imagePullSecrets"] == [{"name": "ecr-pull"}]
+    assert d["metadata"]["name"] == "clip-controller", "fullnameOverride"
+    assert spec["topologySpreadConstraints"][0]["whenUnsatisfiable"] == "DoNotSchedule"
+    assert spec["volumes"] == [{"name": "ca-bundle", "configMap": {"name": "corporate-ca"}}]
+    assert c["volumeMounts"][0]["mountPath"] == "/etc/ssl/corporate"
+    (np,) = by_kind(docs, "NetworkPolicy")
+    assert np["spec"]["podSelector"]["matchLabels"] == d["spec"]["selector"]["matchLabels"]
+    assert np["spec"]["ingress"][0]["ports"] == [{"port": c["ports"][0]["name"], "protocol": "TCP"}]
+    assert np["spec"]["ingress"][0]["from"][0]["namespaceSelector"]
+    assert np["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    (rule,) = by_kind(docs, "PrometheusRule")
+    alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+    assert "> 5000" in alerts["ClipQueueNotDraining"]["expr"]
+    assert "{{ $labels.namespace }}" in alerts["ClipProcessorDegraded"]["annotations"]["summary"], \
+        "Prometheus templates reach the rule unexpanded"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    (crd,) = by_kind(docs, "CustomResourceDefinition")
+    assert "helm.sh/resource-policy" not in crd["metadata"].get("annotations", {}), "crds.keep=false"
     endpoint = "https://vpce-0123456789abcdef0.sqs.us-east-1.vpce.amazonaws.com"
     assert env["WORKER_AWS_ENDPOINT_URL"] == endpoint
     assert env["AWS_ENDPOINT_URL"] == endpoint and env["AWS_STS_REGIONAL_ENDPOINTS"] == "regional"
@@ -153,6 +183,10 @@ def test_every_env_the_chart_sets_is_read_by_the_operator(helm):
     (["--set-json", "nodeSelector={\"a\": 1}"], "/nodeSelector/a"),
     (["--set", "worker.awsEndpointUrl=localhost:5000"], "/worker/awsEndpointUrl"),
     (["--set-json", "extraEnv=[{\"value\": \"x\"}]"], "/extraEnv/0"),
+    (["--set", "crds.install=maybe"], "/crds/install"),
+    (["--set", "networkPolicy.enabeld=true"], "additional properties 'enabeld' not allowed"),
+    (["--set", "metrics.prometheusRule.backlog=0"], "/metrics/prometheusRule/backlog"),
+    (["--set-json", "worker.imagePullSecrets=[{\"name\": \"Not A Name\"}]"], "/worker/imagePullSecrets/0/name"),
 ])
 def test_values_schema_rejects_bad_values(helm, args, message):
     out = template(helm, *args)
@@ -191,10 +225,63 @@ def test_every_value_is_documented_and_in_the_schema():
         comments = comments + [line.strip()] if line.strip().startswith("#") else []
 
 
-def test_the_chart_crd_is_the_generated_one():
-    assert (CHART / "crds/clipprocessors.lakechain.dev.yaml").read_bytes() == \
-        (ROOT / "crds/clipprocessors.lakechain.dev.yaml").read_bytes(), \
-        "charts/clip-operator/crds/ is stale: cp crds/clipprocessors.lakechain.dev.yaml charts/clip-operator/crds/"
+def test_the_chart_crd_is_the_generated_one(helm):
+    generated = ROOT / "crds/clipprocessors.lakechain.dev.yaml"
+    assert (CHART / "files/clipprocessors.lakechain.dev.yaml").read_bytes() == generated.read_bytes(), \
+        "charts/clip-operator/files/ is stale: make crd"
+    # The template renders it unchanged but for Helm's labels and the keep annotation.
+    (crd,) = by_kind(render(helm), "CustomResourceDefinition")
+    want = yaml.safe_load(generated.read_text())
+    meta = crd.pop("metadata")
+    assert crd == {k: v for k, v in want.items() if k != "metadata"}
+    assert meta["name"] == want["metadata"]["name"]
+    assert meta["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    assert not by_kind(render(helm, "--set", "crds.install=false"), "CustomResourceDefinition")
+
+
+def test_the_chart_works_as_a_subchart(helm, tmp_path):
+    """A platform repository's umbrella chart: `global` values and a name override pass the
+    strict schema."""
+    parent = tmp_path / "platform"
+    (parent / "charts").mkdir(parents=True)
+    (parent / "Chart.yaml").write_text("apiVersion: v2\nname: platform\nversion: 1.0.0\n")
+    (parent / "values.yaml").write_text(
+        "global:\n  imageRegistry: registry.example.com\nclip-operator:\n  nameOverride: clip\n")
+    subprocess.run(["cp", "-r", str(CHART), str(parent / "charts/clip-operator")], check=True)
+    out = subprocess.run([helm, "template", "platform", str(parent), "--namespace", "clip-system"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    (d,) = by_kind(docs, "Deployment")
+    assert d["metadata"]["name"] == "platform-clip"
+
+
+def test_the_chart_readme_is_generated_from_values(tmp_path):
+    """charts/clip-operator/README.md is what helm-docs makes of values.yaml's comments now."""
+    helm_docs = subprocess.run(["bash", str(ROOT / "scripts/go-tools.sh"), "helm-docs"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    copy = tmp_path / "charts/clip-operator"
+    copy.parent.mkdir()
+    subprocess.run(["cp", "-r", str(CHART), str(copy)], check=True)
+    (copy / "README.md").unlink()
+    subprocess.run([helm_docs, "--chart-search-root", str(tmp_path / "charts"), "--template-files",
+                    "README.md.gotmpl"], capture_output=True, check=True)
+    assert (copy / "README.md").read_text() == (CHART / "README.md").read_text(), \
+        "charts/clip-operator/README.md is stale: make chart-docs"
+    readme = (CHART / "README.md").read_text()
+    for key in ["crds.install", "worker.imagePullSecrets", "networkPolicy.enabled", "metrics.prometheusRule.enabled"]:
+        assert f"| {key} |" in readme, key
+
+
+def test_the_packaged_chart_renders_like_the_directory(helm, tmp_path):
+    """`make chart`: helm package; what users pull is what the tests render."""
+    out = subprocess.run([helm, "package", str(CHART), "-d", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    (tgz,) = tmp_path.glob("clip-operator-*.tgz")
+    packaged = subprocess.run([helm, "template", "clip", str(tgz), "--namespace", "clip-system"],
+                              capture_output=True, text=True, check=True).stdout
+    assert packaged == template(helm).stdout
 
 
 def test_rbac_is_least_privilege(helm):
@@ -240,3 +327,22 @@ def test_notes_tell_the_user_what_to_do_next(helm):
     assert out.returncode == 0, out.stderr
     assert "kubectl get clipprocessors -A" in out.stdout
     assert "serviceAccount.roleArn is empty" in out.stdout
+
+
+def test_artifact_hub_annotations_parse_and_their_example_is_a_valid_processor():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    notes = chart["annotations"]
+    app = chart["appVersion"]
+    images = yaml.safe_load(notes["artifacthub.io/images"])
+    assert [i["image"].rsplit(":", 1)[1] for i in images] == [app, app], "images tagged with appVersion"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert [i["image"].rsplit(":", 1)[0] for i in images] == [values["image"]["repository"],
+                                                               values["worker"]["image"]["repository"]]
+    (crd,) = yaml.safe_load(notes["artifacthub.io/crds"])
+    generated = yaml.safe_load((ROOT / "crds/clipprocessors.lakechain.dev.yaml").read_text())
+    assert crd["name"] == generated["metadata"]["name"]
+    (example,) = yaml.safe_load(notes["artifacthub.io/crdsExamples"])
+    out = subprocess.run([str(OPERATOR), "render", "-f", "-"], input=yaml.safe_dump(example),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert chart["annotations"]["artifacthub.io/license"] == "Apache-2.0"

@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -110,15 +111,35 @@ def upstream_crds(kube: Kube) -> None:
     kube.run("apply", "--server-side", "-f", path)
 
 
+_REGISTRY: list = []
+
+
+def chart_ref() -> str:
+    """The chart as users install it: pushed by scripts/release.sh to a real OCI registry on
+    loopback (started once per run), installed from oci://. The images still reach the node with
+    cluster.load (containerd's import), not by a pull from that registry."""
+    if not _REGISTRY:
+        import atexit
+        import tempfile
+        sys.path.insert(0, str(ROOT / "tests"))
+        from oci_registry import Registry, release
+        reg = Registry(Path(tempfile.mkdtemp(prefix="clip-e2e-registry-"))).__enter__()
+        atexit.register(reg.__exit__)
+        log(f"pushing the chart to the local OCI registry {reg.host} (scripts/release.sh)")
+        _REGISTRY.append(release(f"{reg.host}/clip", "none", OPERATOR_IMAGE.rsplit(":", 1)[1]))
+    return _REGISTRY[0]
+
+
 def install_chart(kube: Kube, env: dict[str, str], namespace: str = "clip-system", replicas: int = 2) -> None:
-    """The chart, with the locally built images and the cluster's moto as the operator's AWS."""
+    """The chart from the OCI registry, with the locally built images and the cluster's moto as
+    the operator's AWS."""
     upstream_crds(kube)
     endpoint = env["AWS_ENDPOINT_URL"]
     extra = [{"name": "AWS_ENDPOINT_URL", "value": endpoint}, {"name": "AWS_ACCESS_KEY_ID", "value": "testing"},
              {"name": "AWS_SECRET_ACCESS_KEY", "value": "testing"}, {"name": "AWS_REGION", "value": REGION}]
     repo, tag = OPERATOR_IMAGE.rsplit(":", 1)
     wrepo, wtag = WORKER_IMAGE.rsplit(":", 1)
-    kube.helm("upgrade", "--install", "clip-operator", str(ROOT / "charts/clip-operator"), "-n", namespace,
+    kube.helm("upgrade", "--install", "clip-operator", chart_ref(), "--plain-http", "-n", namespace,
               "--create-namespace", "--wait", "--timeout", "180s",
               "--set", f"replicaCount={replicas}", "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
               "--set", "image.pullPolicy=Never", "--set", f"worker.image.repository={wrepo}",

@@ -39,6 +39,8 @@ pub struct OperatorSettings {
     pub image_pull_policy: Option<String>,
     /// `AWS_ENDPOINT_URL` passed to workers (tests and private endpoints); usually unset.
     pub aws_endpoint_url: Option<String>,
+    /// Pull secrets every worker and cache-warm pod gets (the chart's worker.imagePullSecrets).
+    pub image_pull_secrets: Vec<String>,
     /// How often a processor is reconciled when nothing changed.
     pub resync: std::time::Duration,
 }
@@ -53,6 +55,7 @@ impl Default for OperatorSettings {
             ),
             image_pull_policy: None,
             aws_endpoint_url: None,
+            image_pull_secrets: Vec::new(),
         }
     }
 }

@@ -286,6 +286,7 @@ mod tests {
         for doc in [
             "charts/clip-operator/dashboards/clip-operator.json",
             "docs/operations.md",
+            "charts/clip-operator/templates/prometheusrule.yaml",
         ] {
             let body = std::fs::read_to_string(root.join(doc)).unwrap();
             let names = clip_contract::metrics::referenced(&body, "clip_worker_");

@@ -153,8 +153,7 @@ pub fn cache_warm_job(p: &ValidatedProcessor) -> Job {
                 spec: Some(PodSpec {
                     restart_policy: Some("OnFailure".into()),
                     priority_class_name: w.priority_class_name.clone(),
-                    image_pull_secrets: (!w.image_pull_secrets.is_empty())
-                        .then(|| w.image_pull_secrets.clone()),
+                    image_pull_secrets: super::image_pull_secrets(p),
                     service_account_name: Some(names::worker(p)),
                     containers: vec![Container {
                         name: "fetch-weights".into(),

@@ -255,8 +255,7 @@ pub fn deployment(p: &ValidatedProcessor) -> Deployment {
                     topology_spread_constraints: (!w.topology_spread_constraints.is_empty())
                         .then(|| w.topology_spread_constraints.clone()),
                     priority_class_name: w.priority_class_name.clone(),
-                    image_pull_secrets: (!w.image_pull_secrets.is_empty())
-                        .then(|| w.image_pull_secrets.clone()),
+                    image_pull_secrets: super::image_pull_secrets(p),
                     termination_grace_period_seconds: Some(WORKER_GRACE_SECONDS + 15),
                     security_context: Some(pod_security()),
                     ..Default::default()
@@ -471,6 +470,17 @@ mod tests {
         assert_eq!(pod.topology_spread_constraints.unwrap()[0].max_skew, 1);
         assert_eq!(pod.priority_class_name.as_deref(), Some("batch-high"));
         assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+        // The operator's pull secrets (the chart's worker.imagePullSecrets) come first, once.
+        let mut p = processor(json!({"worker": {"imagePullSecrets": [{"name": "registry"}]}}));
+        p.settings.image_pull_secrets = vec!["cluster-wide".into(), "registry".into()];
+        let pod = deployment(&p).spec.unwrap().template.spec.unwrap();
+        let names: Vec<_> = pod
+            .image_pull_secrets
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(names, ["cluster-wide", "registry"]);
         // None of it by default.
         let pod = deployment(&processor(json!({})))
             .spec

@@ -154,6 +154,25 @@ pub fn labels(p: &ValidatedProcessor, component: &str) -> BTreeMap<String, Strin
     .collect()
 }
 
+/// The pull secrets of the worker and cache-warm pods: the operator's (the chart's
+/// worker.imagePullSecrets), then the processor's, each name once.
+pub fn image_pull_secrets(
+    p: &ValidatedProcessor,
+) -> Option<Vec<k8s_openapi::api::core::v1::LocalObjectReference>> {
+    let mut names: Vec<String> = p.settings.image_pull_secrets.clone();
+    for s in &p.spec.worker.image_pull_secrets {
+        if !names.contains(&s.name) {
+            names.push(s.name.clone());
+        }
+    }
+    (!names.is_empty()).then(|| {
+        names
+            .into_iter()
+            .map(|name| k8s_openapi::api::core::v1::LocalObjectReference { name })
+            .collect()
+    })
+}
+
 /// The label selector that finds a processor's children.
 pub fn selector(name: &str, namespace: &str) -> String {
     format!("{LABEL_PROCESSOR}={name},{LABEL_NAMESPACE}={namespace}")
