@@ -73,7 +73,10 @@ def test_keda_takes_the_scaled_object_and_holds_the_workers_until_the_cache_is_w
     def unpaused_and_ready():
         so = scaled_object(kube)
         paused = "autoscaling.keda.sh/paused-replicas" in (so["metadata"].get("annotations") or {})
-        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in so.get("status", {}).get("conditions", []))
+        conds = {c["type"]: c["status"] for c in so.get("status", {}).get("conditions", [])}
+        # KEDA's status lags the annotation (a first read can still say "ScaledObject is paused"):
+        # wait until KEDA itself says it is unpaused and names its HPA.
+        ready = conds.get("Ready") == "True" and conds.get("Paused") != "True" and so["status"].get("hpaName")
         return so if ready and not paused else None
 
     so = wait("the ScaledObject to be unpaused and Ready", 120, unpaused_and_ready)
