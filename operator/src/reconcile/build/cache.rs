@@ -192,7 +192,7 @@ pub fn cache_warm_job(p: &ValidatedProcessor) -> Job {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::processor;
+    use super::super::tests::{pod_overrides, processor};
     use super::*;
     use serde_json::json;
 
@@ -280,19 +280,7 @@ mod tests {
 
     #[test]
     fn the_cache_warm_job_gets_pull_secrets_labels_priority_and_resources() {
-        let p = processor(json!({
-            "modelCache": {"none": null, "claimName": "weights"},
-            "worker": {
-                "podLabels": {"team": "search", "cost-center": "ml"},
-                "podAnnotations": {"sidecar.istio.io/inject": "false"},
-                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
-                "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
-                    {"weight": 50, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}},
-                "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}],
-                "priorityClassName": "batch-high",
-                "imagePullSecrets": [{"name": "registry"}]
-            }
-        }));
+        let p = processor(pod_overrides());
         let t = cache_warm_job(&p).spec.unwrap().template;
         let (meta, pod) = (t.metadata.unwrap(), t.spec.unwrap());
         assert_eq!(meta.labels.unwrap()["team"], "search");

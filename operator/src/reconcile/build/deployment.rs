@@ -269,7 +269,7 @@ pub fn deployment(p: &ValidatedProcessor) -> Deployment {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::processor;
+    use super::super::tests::{pod_overrides, processor};
     use super::*;
     use serde_json::json;
 
@@ -435,19 +435,7 @@ mod tests {
 
     #[test]
     fn pod_overrides_reach_the_worker_pods_and_the_operators_labels_win() {
-        let p = processor(json!({
-            "modelCache": {"none": null, "claimName": "weights"},
-            "worker": {
-                "podLabels": {"team": "search", "cost-center": "ml"},
-                "podAnnotations": {"sidecar.istio.io/inject": "false"},
-                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
-                "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
-                    {"weight": 50, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}},
-                "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}],
-                "priorityClassName": "batch-high",
-                "imagePullSecrets": [{"name": "registry"}]
-            }
-        }));
+        let p = processor(pod_overrides());
         let t = deployment(&p).spec.unwrap().template;
         let (meta, pod) = (t.metadata.unwrap(), t.spec.unwrap());
         let labels = meta.labels.unwrap();

@@ -248,6 +248,23 @@ pub(crate) mod tests {
     use super::*;
     use crate::reconcile::validate::{OperatorSettings, validate};
 
+    /// A spec fragment with every worker pod override set (build's pod tests share it).
+    pub fn pod_overrides() -> serde_json::Value {
+        serde_json::json!({
+            "modelCache": {"none": null, "claimName": "weights"},
+            "worker": {
+                "podLabels": {"team": "search", "cost-center": "ml"},
+                "podAnnotations": {"sidecar.istio.io/inject": "false"},
+                "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+                "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 50, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}},
+                "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}],
+                "priorityClassName": "batch-high",
+                "imagePullSecrets": [{"name": "registry"}]
+            }
+        })
+    }
+
     /// A validated processor from a spec fragment (see validate's tests for the base).
     pub fn processor(spec: serde_json::Value) -> ValidatedProcessor {
         let mut base = serde_json::json!({
