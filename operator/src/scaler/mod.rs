@@ -28,6 +28,11 @@ pub fn stabilization_seconds(s: &Scaling) -> i32 {
     s.cooldown_seconds.min(300)
 }
 
+/// KEDA's `isActive`: the queue length is above `activationQueueLength`.
+pub fn active(s: &Scaling, visible: u64, in_flight: u64) -> bool {
+    visible + in_flight > s.activation_queue_length.max(0) as u64
+}
+
 /// What the decision sees.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScaleInput {
@@ -48,6 +53,11 @@ pub struct ScaleInput {
 }
 
 impl ScaleInput {
+    /// KEDA's `isActive`: the queue length is above the activation length.
+    pub fn is_active(&self) -> bool {
+        self.visible + self.in_flight > self.activation
+    }
+
     pub fn from_spec(
         s: &Scaling,
         visible: u64,
@@ -175,13 +185,6 @@ pub fn decide(i: &ScaleInput, history: &mut History) -> Decision {
         desired,
         active,
         reason,
-    }
-}
-
-impl ScaleInput {
-    /// KEDA's `isActive`: the queue length is above the activation length.
-    pub fn is_active(&self) -> bool {
-        self.visible + self.in_flight > self.activation
     }
 }
 

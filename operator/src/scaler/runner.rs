@@ -402,7 +402,7 @@ async fn tick(s: &Settings, st: &mut State, env: &Env, observation: &Mutex<Obser
         };
         env.metrics.queue_messages.get_or_create(&l).set(v as i64);
     }
-    if depth.visible + depth.in_flight > s.scaling.activation_queue_length.max(0) as u64 {
+    if super::active(&s.scaling, depth.visible, depth.in_flight) {
         st.last_active = Some(now);
     }
     let scale_error = scale(s, st, env, depth, now).await;
@@ -467,8 +467,25 @@ async fn scale(
         tracing::warn!(processor = %processor, "cannot scale the workers to {}: {e}", decision.desired);
         return Some(e);
     }
+    let note = format!(
+        "workers {current} -> {} ({} messages waiting, {} in flight)",
+        decision.desired, depth.visible, depth.in_flight
+    );
+    tracing::info!(processor = %processor, "{}: {note}", decision.reason.as_str());
+    scaled(s, st, env, now, decision.reason.as_str(), note).await;
+    None
+}
+
+/// After a scale write: the scale time, the decision counter and the Event.
+async fn scaled(
+    s: &Settings,
+    st: &mut State,
+    env: &Env,
+    now: Timestamp,
+    reason: &str,
+    note: String,
+) {
     st.last_scale = Some(now);
-    let reason = decision.reason.as_str();
     env.metrics
         .decisions
         .get_or_create(&DecisionLabels {
@@ -477,13 +494,7 @@ async fn scale(
             reason: reason.into(),
         })
         .inc();
-    let note = format!(
-        "workers {current} -> {} ({} messages waiting, {} in flight)",
-        decision.desired, depth.visible, depth.in_flight
-    );
-    tracing::info!(processor = %processor, "{reason}: {note}");
     env.target.event(&s.reference, reason, note).await;
-    None
 }
 
 /// `scaling.fallback`: the queue has been unreadable `failureThreshold` times in a row, so the
@@ -509,21 +520,12 @@ async fn fall_back(s: &Settings, st: &mut State, env: &Env, replicas: i32) -> Op
         count_refused(env, Child::Scale);
         return Some(e);
     }
-    st.last_scale = Some(env.now());
-    env.metrics
-        .decisions
-        .get_or_create(&DecisionLabels {
-            namespace: s.namespace.clone(),
-            name: s.name.clone(),
-            reason: "Fallback".into(),
-        })
-        .inc();
     let note = format!(
         "workers {current} -> {replicas}: the queue could not be read {} times in a row",
         st.failures
     );
     tracing::warn!(processor = %key(&s.namespace, &s.name), "Fallback: {note}");
-    env.target.event(&s.reference, "Fallback", note).await;
+    scaled(s, st, env, env.now(), "Fallback", note).await;
     None
 }
 
