@@ -125,7 +125,8 @@ validate-manifests: build
 # Regenerates crds/ from the Rust types (a test fails when the committed file is stale).
 crd: build
 	target/release/clip-operator crd > crds/clipprocessors.lakechain.dev.yaml
-	cp crds/clipprocessors.lakechain.dev.yaml charts/clip-operator/files/
+	target/release/clip-operator crd class > crds/clipprocessorclasses.lakechain.dev.yaml
+	cp crds/clipprocessors.lakechain.dev.yaml crds/clipprocessorclasses.lakechain.dev.yaml charts/clip-operator/files/
 
 # The chart as users pull it: helm package into target/chart/.
 chart: kube-tools

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
     cel,
     validation = Rule::new("size(self.metadata.name) <= 43").message("metadata.name must be at most 43 characters: child object names add suffixes to it"),
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".spec.model"}"#,
+    printcolumn = r#"{"name":"Class","type":"string","priority":1,"jsonPath":".spec.className"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Replicas","type":"string","description":"ready/desired workers","jsonPath":".status.replicas.summary"}"#,
     printcolumn = r#"{"name":"Queue","type":"integer","description":"visible messages","jsonPath":".status.queue.visible"}"#,
@@ -41,6 +42,13 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.scaling) || !has(self.scaling.identityOwner) || self.scaling.identityOwner != 'workload' || (has(self.serviceAccount) && has(self.serviceAccount.roleArn))").message("scaling.identityOwner: workload needs serviceAccount.roleArn: KEDA reads the role from the workers' ServiceAccount").field_path(".scaling.identityOwner"))]
 pub struct ClipProcessorSpec {
+    /// The ClipProcessorClass whose nodes, budget, model cache and worker policy the processor
+    /// uses. Unset: the default class (annotated lakechain.dev/is-default-class: "true"), else
+    /// none (the processor's own compute and modelCache, on clusters without classes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new(r"self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("className must be a ClipProcessorClass name: lowercase letters, digits and '-'"))]
+    #[schemars(length(min = 1, max = 50))]
+    pub class_name: Option<String>,
     /// CLIP model: ViT-B/32 (default, 512 dimensions), ViT-B/16 (512) or ViT-L/14 (768).
     #[serde(default)]
     pub model: ClipModel,

@@ -11,6 +11,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::routing::get;
 use clap::{Parser, Subcommand, ValueEnum};
+use clip_operator::class::ClipProcessorClass;
 use clip_operator::crd::ClipProcessor;
 use clip_operator::metrics::Metrics;
 use clip_operator::reconcile::{self, Context, validate::OperatorSettings};
@@ -40,12 +41,21 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum CrdKind {
+    Processor,
+    Class,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller (with leader election).
     Run(RunArgs),
-    /// Print the ClipProcessor CRD.
-    Crd,
+    /// Print a CRD: the ClipProcessor's (default) or the ClipProcessorClass's.
+    Crd {
+        #[arg(value_enum, default_value_t = CrdKind::Processor)]
+        kind: CrdKind,
+    },
     /// Print every object the operator would apply for the ClipProcessors in FILE.
     Render {
         /// A YAML file with one or more ClipProcessors ('-' for stdin).
@@ -71,6 +81,10 @@ struct SettingsArgs {
     /// the processor's namespace, before the processor's own worker.imagePullSecrets.
     #[arg(long, env = "WORKER_IMAGE_PULL_SECRETS", value_delimiter = ',')]
     worker_image_pull_secrets: Vec<String>,
+    /// Serve only processors of a ClipProcessorClass (named, or the default class); others are
+    /// Degraded with the reason ClassRequired. For shared clusters.
+    #[arg(long, env = "REQUIRE_CLASS")]
+    require_class: bool,
 }
 
 impl SettingsArgs {
@@ -86,6 +100,7 @@ impl SettingsArgs {
                 .map(|s| s.trim().to_string())
                 .filter(|s| !s.is_empty())
                 .collect(),
+            require_class: self.require_class,
             ..d
         }
     }
@@ -130,9 +145,12 @@ fn main() -> ExitCode {
         LogFormat::Text => builder.init(),
     }
     let result = match cli.command {
-        Command::Crd => serde_yaml_ng::to_string(&ClipProcessor::crd())
-            .map(|y| print!("{y}"))
-            .map_err(anyhow::Error::from),
+        Command::Crd { kind } => match kind {
+            CrdKind::Processor => serde_yaml_ng::to_string(&ClipProcessor::crd()),
+            CrdKind::Class => serde_yaml_ng::to_string(&ClipProcessorClass::crd()),
+        }
+        .map(|y| print!("{y}"))
+        .map_err(anyhow::Error::from),
         Command::Render { file, settings } => render(&file, &settings.settings()),
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()

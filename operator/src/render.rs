@@ -7,14 +7,21 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use kube::ResourceExt;
+
+use crate::class::{self, ClipProcessorClass};
 use crate::crd::ClipProcessor;
 use crate::reconcile::build::{self, Children};
 use crate::reconcile::validate::{OperatorSettings, validate};
 use crate::schema;
 
-/// Renders every `ClipProcessor` in `yaml` (one or many documents).
+/// Renders every `ClipProcessor` in `yaml` (one or many documents). The `ClipProcessorClass`es
+/// in `yaml` are the cluster's classes: a processor of one is rendered under it (its nodes,
+/// cache, policy, and its share of the budget among the processors in `yaml`).
 pub fn render(yaml: &str, settings: &OperatorSettings) -> Result<String, String> {
     let mut out = Vec::new();
+    let mut processors = Vec::new();
+    let mut classes = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(yaml).enumerate() {
         let value =
             Value::deserialize(doc).map_err(|e| format!("document {}: not YAML: {e}", i + 1))?;
@@ -26,17 +33,36 @@ pub fn render(yaml: &str, settings: &OperatorSettings) -> Result<String, String>
             value["apiVersion"].as_str().unwrap_or(""),
             value["kind"].as_str().unwrap_or(""),
         );
-        if (api_version, kind) != ("lakechain.dev/v1alpha1", "ClipProcessor") {
-            return Err(where_(format!(
-                "expected apiVersion lakechain.dev/v1alpha1, kind ClipProcessor; got {api_version:?}, {kind:?}"
-            )));
-        }
-        // What the API server refuses before CEL: the schema and unknown fields (as kubectl's
-        // default strict field validation does).
         let name = value["metadata"]["name"]
             .as_str()
             .unwrap_or("<unnamed>")
             .to_string();
+        match (api_version, kind) {
+            ("lakechain.dev/v1alpha1", "ClipProcessor") => {}
+            ("lakechain.dev/v1alpha1", "ClipProcessorClass") => {
+                let violations = schema::clip_processor_class_violations(&value);
+                if !violations.is_empty() {
+                    return Err(where_(format!(
+                        "ClipProcessorClass {name:?} is invalid:\n  {}",
+                        violations.join("\n  ")
+                    )));
+                }
+                let class: ClipProcessorClass = serde_path_to_error::deserialize(value)
+                    .map_err(|e| where_(format!("{}: {}", e.path(), e.inner())))?;
+                class
+                    .validate_cel()
+                    .map_err(|e| where_(format!("ClipProcessorClass {name:?} is invalid: {e}")))?;
+                classes.push(class);
+                continue;
+            }
+            _ => {
+                return Err(where_(format!(
+                    "expected apiVersion lakechain.dev/v1alpha1, kind ClipProcessor or ClipProcessorClass; got {api_version:?}, {kind:?}"
+                )));
+            }
+        }
+        // What the API server refuses before CEL: the schema and unknown fields (as kubectl's
+        // default strict field validation does).
         let violations = schema::clip_processor_violations(&value);
         if !violations.is_empty() {
             return Err(where_(format!(
@@ -49,13 +75,32 @@ pub fn render(yaml: &str, settings: &OperatorSettings) -> Result<String, String>
         if cp.metadata.namespace.is_none() {
             cp.metadata.namespace = Some("default".into());
         }
-        let p = validate(&cp, settings).map_err(|e| {
-            where_(format!(
-                "{} is invalid: {}",
-                cp.metadata.name.clone().unwrap_or_default(),
-                e.0
-            ))
-        })?;
+        processors.push((i, cp));
+    }
+    let all: Vec<ClipProcessor> = processors.iter().map(|(_, cp)| cp.clone()).collect();
+    let mut pools = std::collections::BTreeSet::new();
+    for (i, cp) in &processors {
+        let where_ = |msg: String| format!("document {}: {msg}", i + 1);
+        let name = cp.metadata.name.clone().unwrap_or_default();
+        let p = validate(cp, settings)
+            .map_err(|e| where_(format!("{name} is invalid: {}", e.0)))
+            .and_then(|p| {
+                let refused =
+                    |r: class::Refusal| where_(format!("{name} is refused: {}", r.message));
+                let Some(c) =
+                    class::select(cp, &classes, settings.require_class).map_err(refused)?
+                else {
+                    return Ok(p);
+                };
+                let asks: Vec<class::Ask> = all
+                    .iter()
+                    .filter(|x| {
+                        class::class_of(x, &classes).as_deref() == Some(c.name_any().as_str())
+                    })
+                    .map(|x| class::Ask::of(x, c))
+                    .collect();
+                class::govern(p, c, class::grant(c, &asks, &class::Ask::of(cp, c))).map_err(refused)
+            })?;
         let Children {
             service_account,
             deployment,
@@ -89,7 +134,10 @@ pub fn render(yaml: &str, settings: &OperatorSettings) -> Result<String, String>
             }
             emit(serde_yaml_ng::to_string(&x))?;
         }
-        if let Some(x) = node_pool {
+        // A class's pool is shared: rendered once.
+        if let Some(x) = node_pool
+            && pools.insert(x.name_any())
+        {
             emit(serde_yaml_ng::to_string(&x))?;
         }
         if let Some(x) = trigger_authentication {
@@ -200,5 +248,45 @@ spec:
             "{e}"
         );
         assert!(render("", &s).unwrap_err().contains("no ClipProcessor"));
+    }
+
+    #[test]
+    fn processors_render_under_the_classes_in_the_input() {
+        let s = OperatorSettings::default();
+        let class = "apiVersion: lakechain.dev/v1alpha1\nkind: ClipProcessorClass\nmetadata: {name: ml}\nspec:\n  compute: {karpenter: {nodeClassRef: {name: gpu}}}\n  budget: {maxGPUs: 2}\n";
+        let with_class = MANIFEST.replace(
+            "modelCache: {efs: {fileSystemId: fs-0123456789abcdef0}}",
+            "className: ml",
+        );
+        let two = format!(
+            "{class}---{with_class}---{}",
+            with_class.replace("name: photos", "name: later")
+        );
+        let out = render(&two, &s).unwrap();
+        assert_eq!(
+            out.matches("kind: NodePool").count(),
+            1,
+            "the class pool once"
+        );
+        assert!(out.contains("name: clip-class-ml"));
+        // 2 GPUs for 5 + 5 asked: the first gets 2, the second none (KEDA held at zero).
+        assert!(out.contains("maxReplicaCount: 2"), "{out}");
+        let e = render(&with_class, &s).unwrap_err();
+        assert!(
+            e.contains("names ClipProcessorClass \"ml\", which does not exist"),
+            "{e}"
+        );
+        let e = render(
+            &format!(
+                "{class}---{}",
+                MANIFEST.replace(
+                    "scaling: {engine: keda}",
+                    "scaling: {engine: keda}\n  className: ml"
+                )
+            ),
+            &s,
+        )
+        .unwrap_err();
+        assert!(e.contains("modelCache.efs"), "{e}");
     }
 }

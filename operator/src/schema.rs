@@ -23,9 +23,30 @@ static CLIP_PROCESSOR: LazyLock<Value> = LazyLock::new(|| {
     serde_json::to_value(schema).expect("a schema serialises")
 });
 
+/// The `openAPIV3Schema` of the served version of the `ClipProcessorClass` CRD.
+static CLIP_PROCESSOR_CLASS: LazyLock<Value> = LazyLock::new(|| {
+    use kube::CustomResourceExt;
+    let crd = crate::class::ClipProcessorClass::crd();
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .expect("the derived CRD has a schema");
+    serde_json::to_value(schema).expect("a schema serialises")
+});
+
 /// Every violation of the `ClipProcessor` schema in `object` (a whole manifest), in document
 /// order. `status` is not checked: the API server ignores it on create and apply.
 pub fn clip_processor_violations(object: &Value) -> Vec<String> {
+    violations(object, &CLIP_PROCESSOR)
+}
+
+/// The same for a `ClipProcessorClass`.
+pub fn clip_processor_class_violations(object: &Value) -> Vec<String> {
+    violations(object, &CLIP_PROCESSOR_CLASS)
+}
+
+fn violations(object: &Value, schema: &Value) -> Vec<String> {
     let mut out = Vec::new();
     let Some(fields) = object.as_object() else {
         out.push(format!(
@@ -34,7 +55,6 @@ pub fn clip_processor_violations(object: &Value) -> Vec<String> {
         ));
         return out;
     };
-    let schema = &*CLIP_PROCESSOR;
     for (k, v) in fields {
         match k.as_str() {
             "apiVersion" | "kind" | "status" => {}

@@ -1217,3 +1217,336 @@ fn a_resync_with_nothing_to_change_makes_no_request_and_drift_is_put_back() {
         |v| image(v) == want,
     );
 }
+
+/// A processor of a tenant namespace, with the keda engine (no queue is read here, so status
+/// shows only what the class does).
+fn tenant_processor(ns: &str, name: &str, extra: &str) -> String {
+    format!(
+        r#"apiVersion: lakechain.dev/v1alpha1
+kind: ClipProcessor
+metadata:
+  name: {name}
+  namespace: {ns}
+spec:
+  source:
+    queueUrl: https://sqs.us-east-1.amazonaws.com/123456789012/{name}
+  output:
+    topicArn: arn:aws:sns:us-east-1:123456789012:clip-output
+  cacheStorage:
+    bucket: lakechain-cache
+{extra}"#
+    )
+}
+
+const CLASS: &str = r#"apiVersion: lakechain.dev/v1alpha1
+kind: ClipProcessorClass
+metadata:
+  name: ml
+spec:
+  compute:
+    karpenter:
+      nodeClassRef:
+        name: gpu
+      instanceFamilies: [g5, g6]
+      capacityTypes: [spot, on-demand]
+  budget:
+    maxGPUs: 3
+    maxGPUsPerNamespace: 2
+  modelCache:
+    storageClassName: efs-ap
+  worker:
+    allowedImages: ["registry.example.com/ml/"]
+    image: registry.example.com/ml/clip-worker:1
+"#;
+
+#[test]
+fn classes_on_a_real_control_plane() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cp = ControlPlane::start();
+    upstream_crds(&cp);
+    let chart = path("charts/clip-operator");
+    let out = cp.helm(&[
+        "install",
+        "clip-operator",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "clip-system",
+        "--create-namespace",
+    ]);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    established(&cp, "clipprocessors.lakechain.dev");
+    established(&cp, "clipprocessorclasses.lakechain.dev");
+    let out = cp.apply(CLASS);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Tenants: alice edits team-a, bob team-b, with the chart's tenant role (the built-in edit
+    // role aggregates it where kube-controller-manager runs; none runs here).
+    for (user, ns) in [("alice", "team-a"), ("bob", "team-b")] {
+        cp.ok(&["create", "namespace", ns]);
+        cp.ok(&[
+            "create",
+            "rolebinding",
+            &format!("{user}-edit"),
+            "-n",
+            ns,
+            "--clusterrole=clip-operator-edit",
+            &format!("--user={user}"),
+        ]);
+    }
+    let can = |user: &str, args: &[&str]| {
+        let mut a = vec!["auth", "can-i", "--as", user];
+        a.extend_from_slice(args);
+        String::from_utf8_lossy(&cp.kubectl(&a).stdout).trim() == "yes"
+    };
+    assert!(can("alice", &["create", "clipprocessors", "-n", "team-a"]));
+    assert!(!can("alice", &["create", "clipprocessors", "-n", "team-b"]));
+    for verb in ["create", "patch", "delete"] {
+        assert!(
+            !can("alice", &[verb, "clipprocessorclasses"]),
+            "a tenant may {verb} classes"
+        );
+    }
+
+    // What the API server refuses at admission (the chart's ValidatingAdmissionPolicy, with the
+    // class as its parameter), in the tenant's own namespace.
+    for (what, extra, message) in [
+        (
+            "an image outside the class's",
+            "  className: ml\n  worker:\n    image: docker.io/someone/miner:1\n",
+            "worker image docker.io/someone/miner:1 is not allowed by ClipProcessorClass ml",
+        ),
+        (
+            "more GPUs than a namespace may have",
+            "  className: ml\n  scaling:\n    engine: keda\n    maxInstances: 3\n",
+            "is 3 GPUs; ClipProcessorClass ml allows 2 per namespace (budget.maxGPUsPerNamespace)",
+        ),
+        (
+            "a file system of their choosing",
+            "  className: ml\n  modelCache:\n    efs:\n      fileSystemId: fs-0123456789abcdef0\n",
+            "modelCache.efs: the file systems are ClipProcessorClass ml's to choose",
+        ),
+        (
+            "instance types of their choosing",
+            "  className: ml\n  compute:\n    instanceTypes: [p5.48xlarge]\n",
+            "are chosen by ClipProcessorClass ml",
+        ),
+    ] {
+        let out = cp.apply_as(Some("alice"), &tenant_processor("team-a", "bad", extra));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what} was admitted");
+        assert!(err.contains(message), "{what}: {err}");
+    }
+
+    // The operator with the chart's RBAC.
+    let token = cp.ok(&[
+        "create",
+        "token",
+        "clip-operator",
+        "-n",
+        "clip-system",
+        "--duration=1h",
+    ]);
+    let kubeconfig = cp.kubeconfig_for("clip-operator", token.trim());
+    let moto = Moto::start();
+    let mut op = Operator::start_as(
+        &cp,
+        &moto,
+        "class-operator",
+        &kubeconfig,
+        &[("POD_NAMESPACE", "clip-system")],
+    );
+    let keda = |max: i32| {
+        format!("  className: ml\n  scaling:\n    engine: keda\n    maxInstances: {max}\n")
+    };
+    let ok = |user: &str, ns: &str, name: &str, extra: &str| {
+        let out = cp.apply_as(Some(user), &tenant_processor(ns, name, extra));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok("alice", "team-a", "first", &keda(2));
+    cp.wait(
+        "the first processor's workers",
+        T,
+        &["deployment", "first-worker", "-n", "team-a"],
+        |_| true,
+    );
+    std::thread::sleep(Duration::from_millis(1100)); // a later creationTimestamp
+    ok("bob", "team-b", "second", &keda(2));
+
+    // One NodePool for the class, owned by it, its GPU limit the class budget; both processors'
+    // workers select it; the class's image and claim apply.
+    let np = cp
+        .wait(
+            "the class's NodePool",
+            T,
+            &["nodepools.karpenter.sh", "clip-class-ml"],
+            |_| true,
+        )
+        .clone();
+    assert_eq!(gpu_limit(&np), "3");
+    assert_eq!(
+        np["metadata"]["ownerReferences"][0]["kind"],
+        "ClipProcessorClass"
+    );
+    let pools = cp.ok(&["get", "nodepools.karpenter.sh", "-o", "name"]);
+    assert_eq!(
+        pools.trim(),
+        "nodepool.karpenter.sh/clip-class-ml",
+        "one pool: {pools}"
+    );
+    for (ns, name) in [("team-a", "first"), ("team-b", "second")] {
+        let d = cp.wait(
+            "workers",
+            T,
+            &["deployment", &format!("{name}-worker"), "-n", ns],
+            |_| true,
+        );
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["nodeSelector"]["karpenter.sh/nodepool"],
+            "clip-class-ml"
+        );
+        assert_eq!(
+            pod["containers"][0]["image"],
+            "registry.example.com/ml/clip-worker:1"
+        );
+        let claim = claim_of(&d["spec"]["template"]);
+        let pvc = cp.get(&["pvc", &claim, "-n", ns]).expect("the cache claim");
+        assert_eq!(pvc["spec"]["storageClassName"], "efs-ap");
+    }
+
+    // The budget is shared: first holds 2 of 3 GPUs, so second gets 1 worker, Degraded with
+    // the limit named; KEDA is told the same bound.
+    let second = cp.wait(
+        "the budget shortfall",
+        T,
+        &["clipprocessor", "second", "-n", "team-b"],
+        |v| condition(v, "Degraded").is_some_and(|c| c["reason"] == "ClassBudgetExceeded"),
+    );
+    let message = condition(&second, "Degraded").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("ClipProcessorClass \"ml\" budget.maxGPUs is 3 GPUs: the class's processors created earlier hold 2, and this one asks for 2")
+            && message.contains("so at most 1 workers run"),
+        "{message}"
+    );
+    let so = cp
+        .get(&["scaledobject", "second", "-n", "team-b"])
+        .expect("ScaledObject");
+    assert_eq!(so["spec"]["maxReplicaCount"], 1);
+    // The first gives back a GPU: the second gets its two, without being touched.
+    ok("alice", "team-a", "first", &keda(1));
+    cp.wait(
+        "the shortfall resolved",
+        T,
+        &["clipprocessor", "second", "-n", "team-b"],
+        |v| condition(v, "Degraded").is_some_and(|c| c["status"] == "False"),
+    );
+    cp.wait(
+        "KEDA's bound raised",
+        T,
+        &["scaledobject", "second", "-n", "team-b"],
+        |v| v["spec"]["maxReplicaCount"] == 2,
+    );
+
+    // A class that does not exist: admitted (no class to check against), Degraded by name.
+    ok(
+        "alice",
+        "team-a",
+        "lost",
+        "  className: missing\n  scaling:\n    engine: keda\n",
+    );
+    let lost = cp.wait(
+        "ClassNotFound",
+        T,
+        &["clipprocessor", "lost", "-n", "team-a"],
+        |v| condition(v, "Degraded").is_some_and(|c| c["reason"] == "ClassNotFound"),
+    );
+    assert!(
+        condition(&lost, "Degraded").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"missing\", which does not exist")
+    );
+    assert!(
+        cp.get(&["deployment", "lost-worker", "-n", "team-a"])
+            .is_none()
+    );
+    // Creating it (a cpu class on existing nodes) brings the processor up: the class watch
+    // reconciles the processors that name it.
+    let out = cp.apply(
+        "apiVersion: lakechain.dev/v1alpha1\nkind: ClipProcessorClass\nmetadata:\n  name: missing\nspec:\n  compute:\n    device: cpu\n    nodes:\n      nodeSelector:\n        pool: general\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = cp.wait(
+        "the processor of the new class",
+        T,
+        &["deployment", "lost-worker", "-n", "team-a"],
+        |_| true,
+    );
+    assert_eq!(
+        d["spec"]["template"]["spec"]["nodeSelector"]["pool"],
+        "general"
+    );
+
+    // Migration: a processor from before classes (no className, its own NodePool) moves to the
+    // class once the class is made the default; its own pool is removed.
+    cp.ok(&["create", "namespace", "legacy"]);
+    let out = cp.apply(&tenant_processor(
+        "legacy",
+        "old",
+        "  scaling:\n    engine: keda\n    maxInstances: 1\n",
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let own = cp.wait(
+        "its own NodePool",
+        T,
+        &[
+            "nodepools.karpenter.sh",
+            "-l",
+            "lakechain.dev/processor=old",
+        ],
+        |v| v["items"].as_array().is_some_and(|i| i.len() == 1),
+    );
+    let own = own["items"][0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cp.ok(&[
+        "annotate",
+        "clipprocessorclass",
+        "ml",
+        "lakechain.dev/is-default-class=true",
+    ]);
+    cp.wait(
+        "the old processor on the class's pool",
+        T,
+        &["deployment", "old-worker", "-n", "legacy"],
+        |d| {
+            d["spec"]["template"]["spec"]["nodeSelector"]["karpenter.sh/nodepool"]
+                == "clip-class-ml"
+        },
+    );
+    cp.wait_gone("its own NodePool", T, &["nodepools.karpenter.sh", &own]);
+    op.stop();
+}

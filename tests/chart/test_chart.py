@@ -57,7 +57,8 @@ def test_every_rendered_object_is_valid_kubernetes(helm, values):
             continue  # prometheus-operator kinds: checked below
         kubernetes_validate.validate(doc, K8S, strict=True)
     expected = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment",
-                "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount"}
+                "PodDisruptionBudget", "Role", "RoleBinding", "Service", "ServiceAccount",
+                "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
     if values:
         expected |= {"ConfigMap", "NetworkPolicy", "PodMonitor", "PrometheusRule", "ServiceMonitor"}
     assert set(kinds) == expected
@@ -116,8 +117,8 @@ def test_values_reach_the_operator(helm):
     assert "{{ $labels.namespace }}" in alerts["ClipProcessorDegraded"]["annotations"]["summary"], \
         "Prometheus templates reach the rule unexpanded"
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    (crd,) = by_kind(docs, "CustomResourceDefinition")
-    assert "helm.sh/resource-policy" not in crd["metadata"].get("annotations", {}), "crds.keep=false"
+    for crd in by_kind(docs, "CustomResourceDefinition"):
+        assert "helm.sh/resource-policy" not in crd["metadata"].get("annotations", {}), "crds.keep=false"
     endpoint = "https://vpce-0123456789abcdef0.sqs.us-east-1.vpce.amazonaws.com"
     assert env["WORKER_AWS_ENDPOINT_URL"] == endpoint
     assert env["AWS_ENDPOINT_URL"] == endpoint and env["AWS_STS_REGIONAL_ENDPOINTS"] == "regional"
@@ -225,19 +226,45 @@ def test_every_value_is_documented_and_in_the_schema():
         comments = comments + [line.strip()] if line.strip().startswith("#") else []
 
 
-def test_the_chart_crd_is_the_generated_one(helm):
-    generated = ROOT / "crds/clipprocessors.lakechain.dev.yaml"
-    assert (CHART / "files/clipprocessors.lakechain.dev.yaml").read_bytes() == generated.read_bytes(), \
-        "charts/clip-operator/files/ is stale: make crd"
-    # The template renders it unchanged but for Helm's labels and the keep annotation.
-    (crd,) = by_kind(render(helm), "CustomResourceDefinition")
-    want = yaml.safe_load(generated.read_text())
-    meta = crd.pop("metadata")
-    assert crd == {k: v for k, v in want.items() if k != "metadata"}
-    assert meta["name"] == want["metadata"]["name"]
-    assert meta["annotations"] == {"helm.sh/resource-policy": "keep"}
-    assert meta["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+def test_the_chart_crds_are_the_generated_ones(helm):
+    rendered = {c["metadata"]["name"]: c for c in by_kind(render(helm), "CustomResourceDefinition")}
+    generated = sorted((ROOT / "crds").glob("*.lakechain.dev.yaml"))
+    assert {p.name.removesuffix(".yaml") for p in generated} == set(rendered) == {
+        "clipprocessors.lakechain.dev", "clipprocessorclasses.lakechain.dev"}
+    for path in generated:
+        assert (CHART / "files" / path.name).read_bytes() == path.read_bytes(), \
+            "charts/clip-operator/files/ is stale: make crd"
+        # The template renders it unchanged but for Helm's labels and the keep annotation.
+        want = yaml.safe_load(path.read_text())
+        crd = dict(rendered[want["metadata"]["name"]])
+        meta = crd.pop("metadata")
+        assert crd == {k: v for k, v in want.items() if k != "metadata"}
+        assert meta["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "Helm"
     assert not by_kind(render(helm, "--set", "crds.install=false"), "CustomResourceDefinition")
+
+
+def test_the_class_admission_policy_binds_every_class_as_its_parameter(helm):
+    docs = render(helm)
+    (policy,) = by_kind(docs, "ValidatingAdmissionPolicy")
+    (binding,) = by_kind(docs, "ValidatingAdmissionPolicyBinding")
+    assert policy["spec"]["paramKind"] == {"apiVersion": "lakechain.dev/v1alpha1", "kind": "ClipProcessorClass"}
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"]
+    assert binding["spec"]["paramRef"] == {"selector": {}, "parameterNotFoundAction": "Allow"}
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    # Every validation is about the processor's own class only.
+    for v in policy["spec"]["validations"]:
+        assert v["expression"].startswith("!variables.mine"), v["expression"]
+    off = render(helm, "--set", "classes.admissionPolicy=false")
+    assert not by_kind(off, "ValidatingAdmissionPolicy") and not by_kind(off, "ValidatingAdmissionPolicyBinding")
+
+
+def test_classes_required_reaches_the_operator(helm):
+    def env(docs):
+        (d,) = by_kind(docs, "Deployment")
+        return {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "REQUIRE_CLASS" not in env(render(helm))
+    assert env(render(helm, "--set", "classes.required=true"))["REQUIRE_CLASS"] == "true"
 
 
 def test_the_chart_works_as_a_subchart(helm, tmp_path):
@@ -287,7 +314,14 @@ def test_the_packaged_chart_renders_like_the_directory(helm, tmp_path):
 def test_rbac_is_least_privilege(helm):
     docs = render(helm)
     rules = {}
-    for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
+    tenant = [r for r in by_kind(docs, "ClusterRole")
+              if any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in r["metadata"]["labels"])]
+    assert sorted(r["metadata"]["name"].rsplit("-", 1)[1] for r in tenant) == ["edit", "view"]
+    edit = next(r for r in tenant if r["metadata"]["name"].endswith("-edit"))
+    assert [x["resources"] for x in edit["rules"]] == [["clipprocessors"]], "tenants never edit classes"
+    view = next(r for r in tenant if r["metadata"]["name"].endswith("-view"))
+    assert all(set(x["verbs"]) == {"get", "list", "watch"} for x in view["rules"])
+    for role in [r for r in by_kind(docs, "ClusterRole") if r not in tenant] + by_kind(docs, "Role"):
         for r in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in r[field], f"{role['metadata']['name']}: wildcard in {field}"
@@ -299,6 +333,7 @@ def test_rbac_is_least_privilege(helm):
     assert set(rules) == {
         ("ClusterRole", "lakechain.dev", "clipprocessors"),
         ("ClusterRole", "lakechain.dev", "clipprocessors/status"),
+        ("ClusterRole", "lakechain.dev", "clipprocessorclasses"),
         ("ClusterRole", "lakechain.dev", "clipprocessors/finalizers"),
         ("ClusterRole", "apps", "deployments"),
         ("ClusterRole", "apps", "deployments/scale"),
@@ -338,9 +373,9 @@ def test_artifact_hub_annotations_parse_and_their_example_is_a_valid_processor()
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert [i["image"].rsplit(":", 1)[0] for i in images] == [values["image"]["repository"],
                                                                values["worker"]["image"]["repository"]]
-    (crd,) = yaml.safe_load(notes["artifacthub.io/crds"])
-    generated = yaml.safe_load((ROOT / "crds/clipprocessors.lakechain.dev.yaml").read_text())
-    assert crd["name"] == generated["metadata"]["name"]
+    crds = yaml.safe_load(notes["artifacthub.io/crds"])
+    assert sorted(c["name"] for c in crds) == sorted(
+        yaml.safe_load(p.read_text())["metadata"]["name"] for p in (ROOT / "crds").glob("*.lakechain.dev.yaml"))
     (example,) = yaml.safe_load(notes["artifacthub.io/crdsExamples"])
     out = subprocess.run([str(OPERATOR), "render", "-f", "-"], input=yaml.safe_dump(example),
                          capture_output=True, text=True)

@@ -44,21 +44,22 @@ def main() -> int:
     a = ap.parse_args()
     upstream = Path(subprocess.run(["bash", str(ROOT / "scripts/upstream-crds.sh")], check=True,
                                    capture_output=True, text=True).stdout.strip())
-    ours = ROOT / "crds/clipprocessors.lakechain.dev.yaml"
-    schemas = crd_schemas([ours, *sorted(upstream.glob("*.yaml"))])
+    ours = sorted((ROOT / "crds").glob("*.lakechain.dev.yaml"))
+    schemas = crd_schemas([*ours, *sorted(upstream.glob("*.yaml"))])
     failures: list[str] = []
     checked = 0
-    # Our CRD is itself a Kubernetes object.
-    try:
-        kubernetes_validate.validate(yaml.safe_load(ours.read_text()), a.k8s_version, strict=True)
-    except kubernetes_validate.ValidationError as e:
-        failures.append(f"{ours.name}: {e.message}")
+    # Our CRDs are themselves Kubernetes objects.
+    for crd in ours:
+        try:
+            kubernetes_validate.validate(yaml.safe_load(crd.read_text()), a.k8s_version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            failures.append(f"{crd.name}: {e.message}")
     for example in sorted((ROOT / "examples").glob("*.yaml")):
         for doc in yaml.safe_load_all(example.read_text()):
-            if not doc or doc.get("kind") != "ClipProcessor":
+            if not doc or doc.get("kind") not in ("ClipProcessor", "ClipProcessorClass"):
                 continue
             for err in check_crd_object(doc, schemas[(doc["apiVersion"], doc["kind"])]):
-                failures.append(f"{example.name}: ClipProcessor: {err}")
+                failures.append(f"{example.name}: {doc['kind']}: {err}")
         r = subprocess.run([a.operator, "render", "-f", str(example)], capture_output=True, text=True)
         if r.returncode != 0:
             failures.append(f"{example.name}: render failed: {r.stderr.strip()}")

@@ -74,7 +74,7 @@ pub async fn apply_deployment(
             ..Default::default()
         };
         match api.create(&pp, &first).await {
-            Ok(_) => {}
+            Ok(created) => release_created_fields(&api, &created).await?,
             Err(kube::Error::Api(e)) if e.code == 409 => {} // created meanwhile
             Err(e) => return Err(e),
         }
@@ -82,7 +82,48 @@ pub async fn apply_deployment(
     if let Some(spec) = d.spec.as_mut() {
         spec.replicas = None;
     }
-    api.patch(&name, &apply_params(), &Patch::Apply(&d)).await
+    match api.patch(&name, &apply_params(), &Patch::Apply(&d)).await {
+        // A Deployment created before the creation's fields were released (older operators)
+        // keeps fields the apply no longer sets, and the merge can be invalid (an emptyDir and a
+        // claim in one volume): release them and apply again.
+        Err(kube::Error::Api(e)) if e.code == 422 => {
+            release_created_fields(&api, &api.get(&name).await?).await?;
+            api.patch(&name, &apply_params(), &Patch::Apply(&d)).await
+        }
+        other => other,
+    }
+}
+
+/// The creation's field manager keeps only `spec.replicas`: every other field then belongs to
+/// the applies alone, so a field a later apply leaves out (a cache volume that changes kind, a
+/// toleration removed from the spec) is removed from the Deployment rather than kept forever by
+/// the creation's ownership.
+async fn release_created_fields(api: &Api<Deployment>, d: &Deployment) -> Result<(), kube::Error> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1;
+    let only_replicas = serde_json::json!({"f:spec": {"f:replicas": {}}});
+    let Some(mut entries) = d.metadata.managed_fields.clone() else {
+        return Ok(());
+    };
+    let mut changed = false;
+    for e in entries.iter_mut() {
+        if e.manager.as_deref() == Some(CREATE_MANAGER)
+            && e.fields_v1.as_ref().map(|f| &f.0) != Some(&only_replicas)
+        {
+            e.fields_v1 = Some(FieldsV1(only_replicas.clone()));
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(());
+    }
+    let patch = serde_json::json!({"metadata": {"managedFields": entries}});
+    api.patch(
+        &d.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Sets the Deployment's replicas through its scale subresource (as KEDA and the HPA do).

@@ -31,12 +31,13 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Mutex;
 
+use crate::class::{self, ClipProcessorClass};
 use crate::crd::{ClipProcessor, ClipProcessorStatus, ScalingEngine};
 use crate::external::karpenter::NodePool;
 use crate::external::keda_scaled_object::ScaledObject;
@@ -94,6 +95,9 @@ pub struct Context {
     swept: Mutex<HashMap<String, (Vec<String>, Instant)>>,
     /// The watch caches of the children, while `run` runs.
     stores: Mutex<Option<observe::Stores>>,
+    /// The watch caches of the processors and the classes, while `run` runs (budgets are shared
+    /// among a class's processors).
+    api_stores: Mutex<Option<(Store<ClipProcessor>, Store<ClipProcessorClass>)>>,
     /// What was last applied per child (skips applies that would change nothing).
     applied: observe::Applied,
     /// Per processor (uid): reconcile's part of status as last written. A reconcile started
@@ -150,6 +154,7 @@ impl Context {
             failures: Default::default(),
             swept: Default::default(),
             stores: Default::default(),
+            api_stores: Default::default(),
             applied: Default::default(),
             written: Default::default(),
         })
@@ -179,6 +184,7 @@ impl Drop for StopScalers {
             t.abort();
         }
         *self.0.stores.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.0.api_stores.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.0.applied.clear();
         self.0.written().clear();
     }
@@ -205,7 +211,12 @@ pub async fn run(ctx: Arc<Context>) {
     // controller takes the changes that pass `reconcile_trigger` from a channel.
     let processors: Api<ClipProcessor> = Api::all(client.clone());
     let (reader, writer) = reflector::store();
+    let (class_reader, class_writer) = reflector::store::<ClipProcessorClass>();
+    // A change of any child, and the scaler's asks, name the processor to reconcile.
+    let (asks, asked) = mpsc::unbounded_channel::<(String, String)>();
     let (changed, changes) = mpsc::unbounded_channel::<ClipProcessor>();
+    let (peers, classes) = (reader.clone(), class_reader.clone());
+    let peer_asks = asks.clone();
     let watch = watcher(processors, watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(observe::slim)
@@ -215,19 +226,50 @@ pub async fn run(ctx: Arc<Context>) {
         .for_each(move |r| {
             match r {
                 Ok(cp) => {
+                    // The processors that share its class budget may now get more or less.
+                    for (ns, name) in budget_peers(&cp, &peers, &classes) {
+                        let _ = peer_asks.send((ns, name));
+                    }
                     let _ = changed.send(cp);
                 }
                 Err(e) => tracing::warn!("watch of ClipProcessors: {e} (retrying with backoff)"),
             }
             futures::future::ready(())
         });
-    let mut tasks = vec![tokio::spawn(watch)];
+    // A class change reaches every processor it may serve (those naming it, and those naming
+    // none, for a default class).
+    let class_asks = asks.clone();
+    let members = reader.clone();
+    let class_watch = watcher(
+        Api::<ClipProcessorClass>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .reflect(class_writer)
+    .for_each(move |e| {
+        match e {
+            Ok(watcher::Event::Apply(c) | watcher::Event::Delete(c)) => {
+                let name = c.name_any();
+                for cp in members.state() {
+                    if cp.spec.class_name.as_ref().is_none_or(|n| *n == name) {
+                        let _ = class_asks.send((ns_of(&cp), cp.name_any()));
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                "watch of ClipProcessorClasses: {e} (retrying with backoff; is the CRD installed?)"
+            ),
+        }
+        futures::future::ready(())
+    });
+    *ctx.api_stores.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((reader.clone(), class_reader.clone()));
+    let mut tasks = vec![tokio::spawn(watch), tokio::spawn(class_watch)];
     let changes = futures::stream::unfold(changes, |mut rx| async move {
         let cp = rx.recv().await?;
         Some((Ok::<_, watcher::Error>(cp), rx))
     });
-    // A change of any child, and the scaler's asks, name the processor to reconcile.
-    let (asks, asked) = mpsc::unbounded_channel::<(String, String)>();
     let (stores, feeds) = observe::Stores::start(&client, asks.clone());
     tasks.extend(feeds);
     *ctx.stores.lock().unwrap_or_else(|e| e.into_inner()) = Some(stores.clone());
@@ -322,12 +364,20 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
         previous.replicas = replicas;
     }
     let now = Time(Timestamp::now());
-    let p = match validate::validate(&cp, &ctx.settings) {
+    let resolved = match validate::validate(&cp, &ctx.settings) {
+        Ok(p) => governed(ctx, &cp, p).await?,
+        Err(invalid) => Err(class::Refusal {
+            reason: "InvalidSpec",
+            message: invalid.0,
+        }),
+    };
+    let p = match resolved {
         Ok(p) => p,
-        Err(invalid) => {
+        Err(refusal) => {
             ctx.scalers.stop(&ns_of(&cp), &cp.name_any());
             let conditions = status::invalid_conditions(
-                &invalid.0,
+                refusal.reason,
+                &refusal.message,
                 cp.metadata.generation,
                 &previous.conditions,
                 &now,
@@ -383,7 +433,7 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
     }
 
     match p.engine {
-        ScalingEngine::Builtin if p.spec.suspend => {
+        ScalingEngine::Builtin if p.held() => {
             ctx.scalers.stop(&p.namespace, &p.name);
             suspend_workers(ctx, &p, &mut observed).await;
         }
@@ -443,6 +493,80 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
         return Err(e.into());
     }
     Ok(Action::requeue(ctx.settings.resync))
+}
+
+/// The processor under its class (if it has one): the class's nodes, cache and policy, and its
+/// share of the class budget. Classes and peers come from the watch caches, else from the API.
+async fn governed(
+    ctx: &Context,
+    cp: &ClipProcessor,
+    p: ValidatedProcessor,
+) -> Result<Result<ValidatedProcessor, class::Refusal>, Error> {
+    let cached = ctx
+        .api_stores
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let classes: Vec<ClipProcessorClass> = match &cached {
+        Some((_, classes)) => classes.state().iter().map(|c| (**c).clone()).collect(),
+        None => match Api::<ClipProcessorClass>::all(ctx.client.clone())
+            .list(&ListParams::default())
+            .await
+        {
+            Ok(list) => list.items,
+            // The class CRD is not installed (an older chart): no classes.
+            Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let class = match class::select(cp, &classes, ctx.settings.require_class) {
+        Ok(Some(c)) => c,
+        Ok(None) => return Ok(Ok(p)),
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    let peers: Vec<ClipProcessor> = match &cached {
+        Some((processors, _)) => processors.state().iter().map(|c| (**c).clone()).collect(),
+        None => {
+            Api::<ClipProcessor>::all(ctx.client.clone())
+                .list(&ListParams::default())
+                .await?
+                .items
+        }
+    };
+    let name = class.name_any();
+    let asks: Vec<class::Ask> = peers
+        .iter()
+        .filter(|peer| class::class_of(peer, &classes).as_deref() == Some(name.as_str()))
+        .map(|peer| class::Ask::of(peer, class))
+        .collect();
+    let grant = class::grant(class, &asks, &class::Ask::of(cp, class));
+    Ok(class::govern(p, class, grant))
+}
+
+/// The other processors of `cp`'s class, when the class has a budget.
+fn budget_peers(
+    cp: &ClipProcessor,
+    processors: &Store<ClipProcessor>,
+    classes: &Store<ClipProcessorClass>,
+) -> Vec<(String, String)> {
+    let classes: Vec<ClipProcessorClass> = classes.state().iter().map(|c| (**c).clone()).collect();
+    let Some(mine) = class::class_of(cp, &classes) else {
+        return Vec::new();
+    };
+    let budgeted = classes
+        .iter()
+        .find(|c| c.name_any() == mine)
+        .is_some_and(|c| c.spec.budget != class::Budget::default());
+    if !budgeted {
+        return Vec::new();
+    }
+    processors
+        .state()
+        .iter()
+        .filter(|peer| peer.uid() != cp.uid())
+        .filter(|peer| class::class_of(peer, &classes).as_deref() == Some(mine.as_str()))
+        .map(|peer| (ns_of(peer), peer.name_any()))
+        .collect()
 }
 
 /// Suspended with the builtin engine: the workers go to zero (the scaler's loop is stopped).
@@ -580,7 +704,7 @@ async fn apply_children(
             // KEDA holds the workers at zero until the Job just applied reports the cache
             // full. Suspended: held at zero the same way.
             let warmed = !p.cache.shared() || job.as_ref().is_some_and(status::job_complete);
-            build::keda::hold_until_warm(&mut so, warmed && !p.spec.suspend);
+            build::keda::hold_until_warm(&mut so, warmed && !p.held());
             w.apply(
                 Child::ScaledObject,
                 so,

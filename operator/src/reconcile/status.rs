@@ -113,6 +113,23 @@ pub fn describe_kube(e: &kube::Error) -> String {
 
 const SUSPENDED: &str =
     "spec.suspend is true: no workers, the queue is not read, the NodePool allows no nodes";
+const SUSPENDED_IN_CLASS: &str = "spec.suspend is true: no workers, the queue is not read";
+
+fn suspended_message(p: &ValidatedProcessor) -> &'static str {
+    if p.class.is_some() {
+        SUSPENDED_IN_CLASS
+    } else {
+        SUSPENDED
+    }
+}
+
+/// Held at zero by the class budget: why.
+fn no_budget(p: &ValidatedProcessor) -> Option<String> {
+    p.class
+        .as_ref()
+        .filter(|c| c.max_workers == 0)
+        .map(|c| c.shortfall.clone().unwrap_or_default())
+}
 
 /// One condition before bookkeeping.
 #[derive(Debug, Clone, PartialEq)]
@@ -268,7 +285,8 @@ fn scaler_ready(p: &ValidatedProcessor, o: &Observed) -> Cond {
     const T: &str = "ScalerReady";
     match p.engine {
         ScalingEngine::Builtin => match &o.scaler {
-            _ if p.spec.suspend => yes(T, "Suspended", SUSPENDED),
+            _ if p.spec.suspend => yes(T, "Suspended", suspended_message(p)),
+            _ if no_budget(p).is_some() => yes(T, "NoBudget", no_budget(p).unwrap_or_default()),
             Some(QueueRead::Readable) => yes(
                 T,
                 "QueueReadable",
@@ -280,7 +298,10 @@ fn scaler_ready(p: &ValidatedProcessor, o: &Observed) -> Cond {
             Some(QueueRead::Unreadable(e)) => no(T, "QueueUnreadable", e.clone()),
             None => unknown(T, "Pending", "the queue has not been read yet"),
         },
-        ScalingEngine::Keda if p.spec.suspend => yes(T, "Suspended", SUSPENDED),
+        ScalingEngine::Keda if p.spec.suspend => yes(T, "Suspended", suspended_message(p)),
+        ScalingEngine::Keda if no_budget(p).is_some() => {
+            yes(T, "NoBudget", no_budget(p).unwrap_or_default())
+        }
         ScalingEngine::Keda => {
             let Some(so) = &o.scaled_object else {
                 return unknown(T, "Pending", "the ScaledObject is being created");
@@ -418,11 +439,17 @@ pub fn conditions(
     if let Some(f) = o.deployment.as_ref().and_then(deployment_failure) {
         problems.push(f);
     }
+    let shortfall = p.class.as_ref().and_then(|c| c.shortfall.clone());
+    if let Some(s) = &shortfall {
+        problems.push(s.clone());
+    }
     let degraded = if problems.is_empty() {
         no("Degraded", "AsExpected", "no problems")
     } else {
         let reason = if !o.apply_errors.is_empty() || o.scale_error.is_some() {
             "ApplyFailed"
+        } else if shortfall.is_some() && problems.len() == 1 {
+            "ClassBudgetExceeded"
         } else {
             "ChildFailed"
         };
@@ -450,13 +477,13 @@ pub fn conditions(
         yes("Progressing", "Reconciling", progress.join("; "))
     };
     let suspended = if p.spec.suspend {
-        yes("Suspended", "Suspended", SUSPENDED)
+        yes("Suspended", "Suspended", suspended_message(p))
     } else {
         no("Suspended", "Active", "the scaler follows the queue")
     };
     let ready = match subs.iter().find(|c| !c.status) {
         _ if degraded.status => no("Ready", "Degraded", degraded.message.clone()),
-        _ if suspended.status => no("Ready", "Suspended", SUSPENDED),
+        _ if suspended.status => no("Ready", "Suspended", suspended_message(p)),
         Some(c) => Cond {
             type_: "Ready",
             status: false,
@@ -477,15 +504,16 @@ pub fn conditions(
 /// The conditions of a processor whose spec is invalid: Degraded with the reason, nothing else
 /// claimed.
 pub fn invalid_conditions(
+    reason: &str,
     message: &str,
     generation: Option<i64>,
     previous: &[Condition],
     now: &Time,
 ) -> Vec<Condition> {
     let all = vec![
-        no("Ready", "InvalidSpec", message.to_string()),
-        no("Progressing", "InvalidSpec", "waiting for a valid spec"),
-        yes("Degraded", "InvalidSpec", message.to_string()),
+        no("Ready", reason, message.to_string()),
+        no("Progressing", reason, "waiting for a valid spec"),
+        yes("Degraded", reason, message.to_string()),
     ];
     finish(all, generation, previous, now)
 }
@@ -653,6 +681,7 @@ mod tests {
         );
         assert_eq!(status_of(&c, "Ready"), Some("False"));
         let c = invalid_conditions(
+            "InvalidSpec",
             "scaling.minInstances must not be greater than scaling.maxInstances",
             Some(4),
             &[],

@@ -21,6 +21,8 @@ pub enum CacheMode {
     Claim(String),
     /// Per-pod emptyDir.
     EmptyDir,
+    /// A ReadWriteMany claim the operator creates, provisioned by the class's StorageClass.
+    Dynamic { storage_class: String, size: String },
 }
 
 impl CacheMode {
@@ -43,6 +45,8 @@ pub struct OperatorSettings {
     pub image_pull_secrets: Vec<String>,
     /// How often a processor is reconciled when nothing changed.
     pub resync: std::time::Duration,
+    /// Processors without a class (named or default) are refused (`--require-class`).
+    pub require_class: bool,
 }
 
 impl Default for OperatorSettings {
@@ -56,6 +60,7 @@ impl Default for OperatorSettings {
             image_pull_policy: None,
             aws_endpoint_url: None,
             image_pull_secrets: Vec::new(),
+            require_class: false,
         }
     }
 }
@@ -78,6 +83,15 @@ pub struct ValidatedProcessor {
     pub provisioner: Provisioner,
     pub capacity_type: CapacityType,
     pub settings: OperatorSettings,
+    /// The processor's ClipProcessorClass, once applied ([`crate::class::govern`]).
+    pub class: Option<crate::class::Governed>,
+}
+
+impl ValidatedProcessor {
+    /// No workers may run: suspended, or the class budget grants none.
+    pub fn held(&self) -> bool {
+        self.spec.suspend || self.class.as_ref().is_some_and(|c| c.max_workers == 0)
+    }
 }
 
 /// The first problem found, as one sentence naming the field.
@@ -153,6 +167,7 @@ pub fn validate(
         },
         capacity_type: spec.compute.capacity_type,
         settings: settings.clone(),
+        class: None,
     })
 }
 

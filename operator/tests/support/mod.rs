@@ -206,10 +206,16 @@ impl ControlPlane {
 
     /// `kubectl apply -f -` with `manifest` on stdin.
     pub fn apply(&self, manifest: &str) -> Output {
+        self.apply_as(None, manifest)
+    }
+
+    /// `kubectl apply -f -` as `user` (impersonated, with only that user's RBAC), or as admin.
+    pub fn apply_as(&self, user: Option<&str>, manifest: &str) -> Output {
         use std::io::Write;
         let mut child = Command::new(self.tools.join("kubectl"))
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
+            .args(user.map(|u| format!("--as={u}")))
             .args(["apply", "-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -64,19 +64,24 @@ pub fn persistent_volume(p: &ValidatedProcessor) -> PersistentVolume {
     }
 }
 
-/// The claim the workers and the cache-warm Job mount.
+/// The claim the workers and the cache-warm Job mount: bound to the static EFS volume, or
+/// provisioned by the class's StorageClass.
 pub fn persistent_volume_claim(p: &ValidatedProcessor) -> PersistentVolumeClaim {
+    let (storage_class, size, volume_name) = match &p.cache {
+        CacheMode::Dynamic {
+            storage_class,
+            size,
+        } => (storage_class.as_str(), size.as_str(), None),
+        _ => ("", PLACEHOLDER_SIZE, Some(names::persistent_volume(p))),
+    };
     PersistentVolumeClaim {
         metadata: meta(p, names::cache_claim(p), "model-cache"),
         spec: Some(PersistentVolumeClaimSpec {
             access_modes: Some(vec!["ReadWriteMany".into()]),
-            storage_class_name: Some(String::new()),
-            volume_name: Some(names::persistent_volume(p)),
+            storage_class_name: Some(storage_class.to_string()),
+            volume_name,
             resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([(
-                    "storage".into(),
-                    Quantity(PLACEHOLDER_SIZE.into()),
-                )])),
+                requests: Some(BTreeMap::from([("storage".into(), Quantity(size.into()))])),
                 ..Default::default()
             }),
             ..Default::default()

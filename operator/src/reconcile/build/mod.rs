@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 pub use cache::{cache_warm_job, persistent_volume, persistent_volume_claim};
 pub use deployment::deployment;
 pub use keda::{scaled_object, trigger_authentication};
-pub use nodepool::{instance_shape, node_pool};
+pub use nodepool::{class_node_pool, instance_shape, node_pool};
 
 use super::validate::{CacheMode, ValidatedProcessor};
 use crate::crd::{Provisioner, ScalingEngine};
@@ -50,14 +50,18 @@ pub struct Children {
 /// Builds every child for `p`.
 pub fn children(p: &ValidatedProcessor) -> Children {
     let efs = matches!(p.cache, CacheMode::Efs { .. });
+    let claim = efs || matches!(p.cache, CacheMode::Dynamic { .. });
     let keda = p.engine == ScalingEngine::Keda;
     Children {
         service_account: Some(service_account(p)),
         deployment: Some(deployment(p)),
         persistent_volume: efs.then(|| persistent_volume(p)),
-        persistent_volume_claim: efs.then(|| persistent_volume_claim(p)),
+        persistent_volume_claim: claim.then(|| persistent_volume_claim(p)),
         cache_warm_job: p.cache.shared().then(|| cache_warm_job(p)),
-        node_pool: (p.provisioner == Provisioner::Karpenter).then(|| node_pool(p)),
+        node_pool: (p.provisioner == Provisioner::Karpenter).then(|| match &p.class {
+            Some(class) => class_node_pool(p, class),
+            None => node_pool(p),
+        }),
         trigger_authentication: keda.then(|| trigger_authentication(p)),
         scaled_object: keda.then(|| scaled_object(p)),
     }
@@ -85,19 +89,27 @@ pub mod names {
             } => fnv8(
                 super::cache::volume_handle(file_system_id, access_point_id.as_deref()).as_bytes(),
             ),
+            // A claim's storage class is immutable too.
+            super::CacheMode::Dynamic { storage_class, .. } => {
+                fnv8(format!("sc:{storage_class}").as_bytes())
+            }
             _ => fnv8(b""),
         }
     }
     /// The claim the workers mount: ours (EFS) or the user's.
     pub fn mounted_claim(p: &ValidatedProcessor) -> Option<String> {
         match &p.cache {
-            super::CacheMode::Efs { .. } => Some(cache_claim(p)),
+            super::CacheMode::Efs { .. } | super::CacheMode::Dynamic { .. } => Some(cache_claim(p)),
             super::CacheMode::Claim(c) => Some(c.clone()),
             super::CacheMode::EmptyDir => None,
         }
     }
-    /// Cluster-scoped, so unique across namespaces: `clip-<name>-<hash of namespace/name>`.
+    /// Cluster-scoped, so unique across namespaces: `clip-<name>-<hash of namespace/name>`; under
+    /// a class, the class's (`clip-class-<class>`).
     pub fn node_pool(p: &ValidatedProcessor) -> String {
+        if let Some(class) = &p.class {
+            return class.node_pool();
+        }
         format!("clip-{}-{}", p.name, short_hash(&p.namespace, &p.name))
     }
     pub fn persistent_volume(p: &ValidatedProcessor) -> String {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{LABEL_NAMESPACE, LABEL_PROCESSOR, cluster_meta, names};
+use crate::class::{Governed, LABEL_CLASS};
 use crate::external::karpenter::{
     NodePool, NodePoolDisruption, NodePoolDisruptionBudgets, NodePoolDisruptionConsolidationPolicy,
     NodePoolSpec, NodePoolTemplate, NodePoolTemplateMetadata, NodePoolTemplateSpec,
@@ -15,6 +16,7 @@ use crate::external::karpenter::{
     NodePoolTemplateSpecTaintsEffect,
 };
 use crate::reconcile::validate::{CacheMode, ValidatedProcessor};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
 /// vCPUs and memory (GiB) of the GPU instance types people use for CLIP, to size the pool's
 /// cpu/memory limits like its GPU limit.
@@ -59,7 +61,7 @@ fn requirement(key: &str, values: Vec<String>) -> NodePoolTemplateSpecRequiremen
 pub fn node_pool(p: &ValidatedProcessor) -> NodePool {
     let c = &p.spec.compute;
     // Suspended: no room for a node, so nothing starts one.
-    let max = if p.spec.suspend {
+    let max = if p.held() {
         0
     } else {
         i64::from(p.spec.scaling.max_instances)
@@ -148,6 +150,165 @@ pub fn node_pool(p: &ValidatedProcessor) -> NodePool {
                 }]),
             }),
             limits: Some(limits),
+            replicas: None,
+            weight: None,
+        },
+        status: None,
+    }
+}
+
+/// The class's GPU node pool, shared by every processor of the class (cluster-scoped, owned by
+/// the class, so it goes when the class goes). Its GPU limit is the class's budget.maxGPUs.
+pub fn class_node_pool(p: &ValidatedProcessor, class: &Governed) -> NodePool {
+    let k = class
+        .spec
+        .compute
+        .karpenter
+        .clone()
+        .expect("a processor on a class pool has a karpenter class");
+    let prefix = k.node_class_ref.label_prefix();
+    let mut requirements = Vec::new();
+    let mut add = |key: String, values: &[String]| {
+        if !values.is_empty() {
+            requirements.push(requirement(&key, values.to_vec()));
+        }
+    };
+    add("node.kubernetes.io/instance-type".into(), &k.instance_types);
+    add(format!("{prefix}/instance-family"), &k.instance_families);
+    add(format!("{prefix}/instance-size"), &k.instance_sizes);
+    add(
+        "karpenter.sh/capacity-type".into(),
+        &k.capacity_types
+            .iter()
+            .map(|c| c.as_str().to_string())
+            .collect::<Vec<_>>(),
+    );
+    add(
+        "kubernetes.io/arch".into(),
+        &k.architectures
+            .iter()
+            .map(|a| a.as_str().to_string())
+            .collect::<Vec<_>>(),
+    );
+    add("kubernetes.io/os".into(), &["linux".to_string()]);
+    for r in &k.requirements {
+        use crate::class::RequirementOperator as O;
+        requirements.push(NodePoolTemplateSpecRequirements {
+            key: r.key.clone(),
+            operator: match r.operator {
+                O::In => NodePoolTemplateSpecRequirementsOperator::In,
+                O::NotIn => NodePoolTemplateSpecRequirementsOperator::NotIn,
+                O::Exists => NodePoolTemplateSpecRequirementsOperator::Exists,
+                O::DoesNotExist => NodePoolTemplateSpecRequirementsOperator::DoesNotExist,
+                O::Gt => NodePoolTemplateSpecRequirementsOperator::Gt,
+                O::Lt => NodePoolTemplateSpecRequirementsOperator::Lt,
+            },
+            values: (!r.values.is_empty()).then(|| r.values.clone()),
+            min_values: None,
+        });
+    }
+    let mut taints = vec![NodePoolTemplateSpecTaints {
+        key: "nvidia.com/gpu".into(),
+        value: Some("true".into()),
+        effect: NodePoolTemplateSpecTaintsEffect::NoSchedule,
+        time_added: None,
+    }];
+    for t in &k.taints {
+        use crate::class::TaintEffect as E;
+        taints.push(NodePoolTemplateSpecTaints {
+            key: t.key.clone(),
+            value: t.value.clone(),
+            effect: match t.effect {
+                E::NoSchedule => NodePoolTemplateSpecTaintsEffect::NoSchedule,
+                E::PreferNoSchedule => NodePoolTemplateSpecTaintsEffect::PreferNoSchedule,
+                E::NoExecute => NodePoolTemplateSpecTaintsEffect::NoExecute,
+            },
+            time_added: None,
+        });
+    }
+    let mut node_labels = k.labels.clone();
+    node_labels.insert("nvidia.com/gpu.present".into(), "true".into());
+    node_labels.insert(LABEL_CLASS.into(), class.name.clone());
+    node_labels.insert(
+        "app.kubernetes.io/managed-by".into(),
+        "clip-operator".into(),
+    );
+    let startup_taints = matches!(
+        class.spec.model_cache.as_ref().map(|c| c.efs.is_some()),
+        Some(true)
+    )
+    .then(|| {
+        vec![NodePoolTemplateSpecStartupTaints {
+            key: "efs.csi.aws.com/agent-not-ready".into(),
+            effect: NodePoolTemplateSpecStartupTaintsEffect::NoExecute,
+            time_added: None,
+            value: None,
+        }]
+    });
+    let limits = class.spec.budget.max_gpus.map(|g| {
+        BTreeMap::from([(
+            "nvidia.com/gpu".to_string(),
+            IntOrString::String(g.to_string()),
+        )])
+    });
+    let labels = BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "clip-processor".to_string(),
+        ),
+        ("app.kubernetes.io/component".into(), "node-pool".into()),
+        ("app.kubernetes.io/part-of".into(), "lakechain".into()),
+        (
+            "app.kubernetes.io/managed-by".into(),
+            "clip-operator".into(),
+        ),
+        (LABEL_CLASS.into(), class.name.clone()),
+    ]);
+    let owner_references = class.uid.clone().map(|uid| {
+        vec![OwnerReference {
+            api_version: "lakechain.dev/v1alpha1".into(),
+            kind: "ClipProcessorClass".into(),
+            name: class.name.clone(),
+            uid,
+            controller: Some(true),
+            block_owner_deletion: None,
+        }]
+    });
+    NodePool {
+        metadata: ObjectMeta {
+            name: Some(names::node_pool(p)),
+            labels: Some(labels),
+            owner_references,
+            ..Default::default()
+        },
+        spec: NodePoolSpec {
+            template: NodePoolTemplate {
+                metadata: Some(NodePoolTemplateMetadata {
+                    labels: Some(node_labels),
+                    annotations: None,
+                }),
+                spec: NodePoolTemplateSpec {
+                    node_class_ref: NodePoolTemplateSpecNodeClassRef {
+                        group: k.node_class_ref.group.clone(),
+                        kind: k.node_class_ref.kind.clone(),
+                        name: k.node_class_ref.name.clone(),
+                    },
+                    requirements,
+                    taints: Some(taints),
+                    startup_taints,
+                    expire_after: Some("720h".into()),
+                    termination_grace_period: Some("1h".into()),
+                },
+            },
+            disruption: Some(NodePoolDisruption {
+                consolidation_policy: Some(NodePoolDisruptionConsolidationPolicy::WhenEmpty),
+                consolidate_after: format!("{}s", k.consolidate_after_seconds),
+                budgets: Some(vec![NodePoolDisruptionBudgets {
+                    nodes: "100%".into(),
+                    ..Default::default()
+                }]),
+            }),
+            limits,
             replicas: None,
             weight: None,
         },
