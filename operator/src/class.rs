@@ -447,7 +447,8 @@ impl Ask {
                 ComputeDevice::Cpu => 1,
             },
             max_instances: cp.spec.scaling.max_instances,
-            suspended: cp.spec.suspend,
+            // Being deleted: its budget is free for the others now.
+            suspended: cp.spec.suspend || cp.metadata.deletion_timestamp.is_some(),
         }
     }
 }
@@ -462,7 +463,8 @@ pub struct Grant {
 }
 
 /// Shares the class budget among `asks` (every processor of the class, `me` among them) in
-/// creation order, and returns `me`'s share. Suspended processors hold nothing.
+/// creation order, and returns `me`'s share. Suspended processors, and those being deleted,
+/// hold nothing.
 pub fn grant(class: &ClipProcessorClass, asks: &[Ask], me: &Ask) -> Grant {
     let b = &class.spec.budget;
     let (total, per_ns, unit) = match class.spec.compute.device {
