@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use clip_operator::class::ClipProcessorClass;
 use clip_operator::crd::ClipProcessor;
 use clip_operator::metrics::Metrics;
+use clip_operator::reconcile::scope::Namespaces;
 use clip_operator::reconcile::{self, Context, validate::OperatorSettings};
 use clip_operator::scaler::sqs::QueueReader;
 use kube::CustomResourceExt;
@@ -129,6 +130,11 @@ struct RunArgs {
     /// are put back then).
     #[arg(long, env = "RESYNC_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=86400))]
     resync_seconds: u64,
+    /// Serve the processors of these namespaces only (comma-separated); the operator then needs
+    /// rights in those namespaces only, besides the cluster-scoped NodePools, PersistentVolumes
+    /// and ClipProcessorClasses. Empty: every namespace.
+    #[arg(long, env = "WATCH_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -261,6 +267,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(identity = %identity, lease = %format!("{namespace}/{}", args.lease_name), "waiting for the leader lease");
     let settings = OperatorSettings {
         resync: std::time::Duration::from_secs(args.resync_seconds),
+        namespaces: Namespaces::from_list(&args.namespaces),
         ..args.settings.settings()
     };
     let ctx = Context::new(

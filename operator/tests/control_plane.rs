@@ -1550,3 +1550,103 @@ fn classes_on_a_real_control_plane() {
     cp.wait_gone("its own NodePool", T, &["nodepools.karpenter.sh", &own]);
     op.stop();
 }
+
+#[test]
+fn an_operator_limited_to_namespaces_serves_those_only_with_rights_there_only() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let cp = ControlPlane::start();
+    upstream_crds(&cp);
+    for ns in ["team-a", "team-b"] {
+        cp.ok(&["create", "namespace", ns]);
+    }
+    let chart = path("charts/clip-operator");
+    let out = cp.helm(&[
+        "install",
+        "clip-operator",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "clip-system",
+        "--create-namespace",
+        "--set",
+        "watchNamespaces={team-a}",
+    ]);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    established(&cp, "clipprocessors.lakechain.dev");
+    let me = "system:serviceaccount:clip-system:clip-operator";
+    let can = |args: &[&str]| {
+        let mut a = vec!["auth", "can-i", "--as", me];
+        a.extend_from_slice(args);
+        String::from_utf8_lossy(&cp.kubectl(&a).stdout).trim() == "yes"
+    };
+    assert!(can(&["create", "deployments.apps", "-n", "team-a"]));
+    assert!(can(&["create", "nodepools.karpenter.sh"]));
+    assert!(can(&["watch", "clipprocessorclasses.lakechain.dev"]));
+    assert!(!can(&["create", "deployments.apps", "-n", "team-b"]));
+    assert!(!can(&[
+        "list",
+        "clipprocessors.lakechain.dev",
+        "--all-namespaces"
+    ]));
+
+    let token = cp.ok(&[
+        "create",
+        "token",
+        "clip-operator",
+        "-n",
+        "clip-system",
+        "--duration=1h",
+    ]);
+    let kubeconfig = cp.kubeconfig_for("clip-operator", token.trim());
+    let moto = Moto::start();
+    let mut op = Operator::start_as(
+        &cp,
+        &moto,
+        "namespaced-operator",
+        &kubeconfig,
+        &[
+            ("POD_NAMESPACE", "clip-system"),
+            ("WATCH_NAMESPACES", "team-a"),
+        ],
+    );
+    let keda = "  scaling:\n    engine: keda\n";
+    for ns in ["team-b", "team-a"] {
+        let out = cp.apply(&tenant_processor(ns, "photos", keda));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    cp.wait(
+        "team-a's processor served",
+        T,
+        &["clipprocessor", "photos", "-n", "team-a"],
+        |v| v["status"]["observedGeneration"].as_i64().is_some(),
+    );
+    cp.wait(
+        "team-a's workers",
+        T,
+        &["deployment", "photos-worker", "-n", "team-a"],
+        |_| true,
+    );
+    // team-b's was created first and is never touched: no finalizer, no status, no children.
+    let b = cp
+        .get(&["clipprocessor", "photos", "-n", "team-b"])
+        .unwrap();
+    assert!(b["metadata"]["finalizers"].is_null(), "{b}");
+    assert!(b["status"].is_null(), "{b}");
+    assert!(
+        cp.get(&["deployment", "photos-worker", "-n", "team-b"])
+            .is_none()
+    );
+    let logs = op.logs();
+    assert!(
+        !logs.to_lowercase().contains("forbidden"),
+        "the operator asked for what it may not: {logs}"
+    );
+    op.stop();
+}

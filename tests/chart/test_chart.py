@@ -381,3 +381,21 @@ def test_artifact_hub_annotations_parse_and_their_example_is_a_valid_processor()
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert chart["annotations"]["artifacthub.io/license"] == "Apache-2.0"
+
+
+def test_watch_namespaces_bind_the_operator_in_those_namespaces_only(helm):
+    docs = render(helm, "--set", "watchNamespaces={team-a,team-b}")
+    (d,) = by_kind(docs, "Deployment")
+    env = {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["WATCH_NAMESPACES"] == "team-a,team-b"
+    bindings = [b for b in by_kind(docs, "RoleBinding") if b["roleRef"]["kind"] == "ClusterRole"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    (crb,) = by_kind(docs, "ClusterRoleBinding")
+    cluster_role = next(r for r in by_kind(docs, "ClusterRole") if r["metadata"]["name"] == crb["roleRef"]["name"])
+    # Cluster-wide, only what is cluster-scoped.
+    assert sorted(res for r in cluster_role["rules"] for res in r["resources"]) == [
+        "clipprocessorclasses", "nodepools", "persistentvolumes"]
+    everywhere = render(helm)
+    (crb,) = by_kind(everywhere, "ClusterRoleBinding")
+    assert not crb["roleRef"]["name"].endswith("-cluster"), "by default one binding for every namespace"
+    assert not [b for b in by_kind(everywhere, "RoleBinding") if b["roleRef"]["kind"] == "ClusterRole"]

@@ -10,6 +10,7 @@ pub mod build;
 #[cfg(test)]
 mod fake;
 pub mod observe;
+pub mod scope;
 pub mod status;
 #[cfg(test)]
 mod tests;
@@ -209,7 +210,6 @@ pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     // The processors' cache, fed by its own task (as the children's are, `observe`): the
     // controller takes the changes that pass `reconcile_trigger` from a channel.
-    let processors: Api<ClipProcessor> = Api::all(client.clone());
     let (reader, writer) = reflector::store();
     let (class_reader, class_writer) = reflector::store::<ClipProcessorClass>();
     // A change of any child, and the scaler's asks, name the processor to reconcile.
@@ -217,25 +217,29 @@ pub async fn run(ctx: Arc<Context>) {
     let (changed, changes) = mpsc::unbounded_channel::<ClipProcessor>();
     let (peers, classes) = (reader.clone(), class_reader.clone());
     let peer_asks = asks.clone();
-    let watch = watcher(processors, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .modify(observe::slim)
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(reconcile_trigger, Default::default())
-        .for_each(move |r| {
-            match r {
-                Ok(cp) => {
-                    // The processors that share its class budget may now get more or less.
-                    for (ns, name) in budget_peers(&cp, &peers, &classes) {
-                        let _ = peer_asks.send((ns, name));
-                    }
-                    let _ = changed.send(cp);
+    let watch = scope::watch(
+        &client,
+        &ctx.settings.namespaces,
+        watcher::Config::default().any_semantic(),
+        writer,
+        observe::slim,
+    )
+    .default_backoff()
+    .applied_objects()
+    .predicate_filter(reconcile_trigger, Default::default())
+    .for_each(move |r| {
+        match r {
+            Ok(cp) => {
+                // The processors that share its class budget may now get more or less.
+                for (ns, name) in budget_peers(&cp, &peers, &classes) {
+                    let _ = peer_asks.send((ns, name));
                 }
-                Err(e) => tracing::warn!("watch of ClipProcessors: {e} (retrying with backoff)"),
+                let _ = changed.send(cp);
             }
-            futures::future::ready(())
-        });
+            Err(e) => tracing::warn!("watch of ClipProcessors: {e} (retrying with backoff)"),
+        }
+        futures::future::ready(())
+    });
     // A class change reaches every processor it may serve (those naming it, and those naming
     // none, for a default class).
     let class_asks = asks.clone();
@@ -270,7 +274,7 @@ pub async fn run(ctx: Arc<Context>) {
         let cp = rx.recv().await?;
         Some((Ok::<_, watcher::Error>(cp), rx))
     });
-    let (stores, feeds) = observe::Stores::start(&client, asks.clone());
+    let (stores, feeds) = observe::Stores::start(&client, &ctx.settings.namespaces, asks.clone());
     tasks.extend(feeds);
     *ctx.stores.lock().unwrap_or_else(|e| e.into_inner()) = Some(stores.clone());
     // The scaler loops read the current replicas from the Deployment cache (no request per

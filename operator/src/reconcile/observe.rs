@@ -25,9 +25,8 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, ServiceAccount};
-use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -70,19 +69,54 @@ impl Stores {
     /// retries with backoff, and its cache stays empty.
     pub fn start(
         client: &Client,
+        scope: &super::scope::Namespaces,
         triggers: UnboundedSender<(String, String)>,
     ) -> (Stores, Vec<JoinHandle<()>>) {
+        use super::scope::{watch, watch_all};
         let mut tasks = Vec::new();
         let mut one = |task| tasks.push(task);
+        let config = || watcher::Config::default().labels(LABEL_PROCESSOR);
         let stores = Stores {
-            service_accounts: feed(Api::all(client.clone()), &triggers, &mut one),
-            deployments: feed(Api::all(client.clone()), &triggers, &mut one),
-            persistent_volumes: feed(Api::all(client.clone()), &triggers, &mut one),
-            persistent_volume_claims: feed(Api::all(client.clone()), &triggers, &mut one),
-            jobs: feed(Api::all(client.clone()), &triggers, &mut one),
-            node_pools: feed(Api::all(client.clone()), &triggers, &mut one),
-            trigger_authentications: feed(Api::all(client.clone()), &triggers, &mut one),
-            scaled_objects: feed(Api::all(client.clone()), &triggers, &mut one),
+            service_accounts: feed(
+                |w| watch(client, scope, config(), w, slim),
+                &triggers,
+                &mut one,
+            ),
+            deployments: feed(
+                |w| watch(client, scope, config(), w, slim),
+                &triggers,
+                &mut one,
+            ),
+            persistent_volumes: feed(
+                |w| watch_all(client, config(), w, slim),
+                &triggers,
+                &mut one,
+            ),
+            persistent_volume_claims: feed(
+                |w| watch(client, scope, config(), w, slim),
+                &triggers,
+                &mut one,
+            ),
+            jobs: feed(
+                |w| watch(client, scope, config(), w, slim),
+                &triggers,
+                &mut one,
+            ),
+            node_pools: feed(
+                |w| watch_all(client, config(), w, slim),
+                &triggers,
+                &mut one,
+            ),
+            trigger_authentications: feed(
+                |w| watch(client, scope, config(), w, slim),
+                &triggers,
+                &mut one,
+            ),
+            scaled_objects: feed(
+                |w| watch(client, scope, config(), w, slim),
+                &triggers,
+                &mut one,
+            ),
         };
         (stores, tasks)
     }
@@ -98,8 +132,12 @@ fn processor_of<K: Resource>(obj: &K) -> Option<(String, String)> {
     ))
 }
 
+/// A kind's cache, fed by the watch `watch` makes from its writer.
 fn feed<K>(
-    api: Api<K>,
+    watch: impl FnOnce(
+        reflector::store::Writer<K>,
+    )
+        -> futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>,
     triggers: &UnboundedSender<(String, String)>,
     spawn: &mut impl FnMut(JoinHandle<()>),
 ) -> Store<K>
@@ -112,9 +150,7 @@ where
     // No `default_backoff()`: kube's watcher yields `Event::Init` (an `Ok`) before every list,
     // which resets that backoff, so a watch of a kind whose CRD is not installed listed about
     // once a second. Here only an event that follows a successful list or watch resets it.
-    let stream = watcher(api, watcher::Config::default().labels(LABEL_PROCESSOR))
-        .modify(slim)
-        .reflect(writer);
+    let stream = watch(writer);
     spawn(tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut retry = Retry::default();

@@ -47,6 +47,8 @@ pub struct OperatorSettings {
     pub resync: std::time::Duration,
     /// Processors without a class (named or default) are refused (`--require-class`).
     pub require_class: bool,
+    /// The namespaces served (`--namespaces`).
+    pub namespaces: super::scope::Namespaces,
 }
 
 impl Default for OperatorSettings {
@@ -61,6 +63,7 @@ impl Default for OperatorSettings {
             aws_endpoint_url: None,
             image_pull_secrets: Vec::new(),
             require_class: false,
+            namespaces: Default::default(),
         }
     }
 }
