@@ -6,6 +6,8 @@
 #   tests/cluster/cluster.sh down    stop everything it started and remove its state
 #   tests/cluster/cluster.sh env     print the variables (KUBECONFIG, AWS_ENDPOINT_URL, ...)
 #   tests/cluster/cluster.sh load IMAGE...   copy images from Docker into the node's containerd
+#   tests/cluster/cluster.sh trust-registry HOST:PORT   let the node's containerd pull from a
+#                                  plain-HTTP registry on loopback (a hosts.toml in its certs.d)
 #   tests/cluster/cluster.sh restart-kubelet   stop and start the kubelet (fault tests)
 #
 # What runs (needs root; Linux with cgroup v1 or v2):
@@ -220,6 +222,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$STATE/cni"
+  # Per-registry settings, read at each pull (trust-registry adds one).
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$STATE/containerd/certs.d"
 [plugins."io.containerd.internal.v1.opt"]
   path = "$STATE/containerd/opt"
 EOF
@@ -228,6 +233,19 @@ EOF
 }
 
 ctr_() { ctr --address "$CTR_SOCK" -n k8s.io "$@"; }
+
+# A registry on loopback that speaks HTTP (scripts/release.sh's target in the e2e): containerd
+# pulls from it as the kubelet asks, like a node pulling from ECR.
+trust_registry() {
+  local host=${1:?HOST:PORT}
+  case "$host" in 127.0.0.1:*|localhost:*) ;; *) die "trust-registry: only loopback registries ($host)" ;; esac
+  mkdir -p "$STATE/containerd/certs.d/$host"
+  cat > "$STATE/containerd/certs.d/$host/hosts.toml" <<EOF
+server = "http://$host"
+[host."http://$host"]
+  capabilities = ["pull", "resolve"]
+EOF
+}
 # docker.io/library/ prefixes, as containerd names images.
 normalized() {
   case "$1" in
@@ -538,5 +556,6 @@ case "${1:-}" in
   env) tools >/dev/null; env_lines ;;
   load) shift; load "$@" ;;
   restart-kubelet) restart_kubelet ;;
-  *) echo "usage: $0 up|down|env|load IMAGE...|restart-kubelet" >&2; exit 2 ;;
+  trust-registry) shift; trust_registry "$@" ;;
+  *) echo "usage: $0 up|down|env|load IMAGE...|restart-kubelet|trust-registry HOST:PORT" >&2; exit 2 ;;
 esac

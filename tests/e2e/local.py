@@ -7,6 +7,7 @@ import base64
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -115,9 +116,10 @@ _REGISTRY: list = []
 
 
 def chart_ref() -> str:
-    """The chart as users install it: pushed by scripts/release.sh to a real OCI registry on
-    loopback (started once per run), installed from oci://. The images still reach the node with
-    cluster.load (containerd's import), not by a pull from that registry."""
+    """The chart and the operator image as users install them: pushed by scripts/release.sh to a
+    real OCI registry on loopback (started once per run); the chart is installed from oci:// and
+    the node's containerd pulls the operator image from the registry (trust-registry). The worker
+    image (gigabytes of LibTorch) still reaches the node with cluster.load (containerd's import)."""
     if not _REGISTRY:
         import atexit
         import tempfile
@@ -125,27 +127,38 @@ def chart_ref() -> str:
         from oci_registry import Registry, release
         reg = Registry(Path(tempfile.mkdtemp(prefix="clip-e2e-registry-"))).__enter__()
         atexit.register(reg.__exit__)
-        log(f"pushing the chart to the local OCI registry {reg.host} (scripts/release.sh)")
-        _REGISTRY.append(release(f"{reg.host}/clip", "none", OPERATOR_IMAGE.rsplit(":", 1)[1]))
-    return _REGISTRY[0]
+        subprocess.run(["bash", str(CLUSTER), "trust-registry", reg.host], check=True)
+        log(f"pushing the operator image and the chart to the local OCI registry {reg.host} (scripts/release.sh)")
+        _REGISTRY.append((release(f"{reg.host}/clip", "operator", OPERATOR_IMAGE.rsplit(":", 1)[1]), reg.host))
+    return _REGISTRY[0][0]
 
 
 def install_chart(kube: Kube, env: dict[str, str], namespace: str = "clip-system", replicas: int = 2) -> None:
-    """The chart from the OCI registry, with the locally built images and the cluster's moto as
-    the operator's AWS."""
+    """The chart from the OCI registry, its operator image pulled from there by the node, the
+    locally built worker image, and the cluster's moto as the operator's AWS."""
     upstream_crds(kube)
     endpoint = env["AWS_ENDPOINT_URL"]
     extra = [{"name": "AWS_ENDPOINT_URL", "value": endpoint}, {"name": "AWS_ACCESS_KEY_ID", "value": "testing"},
              {"name": "AWS_SECRET_ACCESS_KEY", "value": "testing"}, {"name": "AWS_REGION", "value": REGION}]
-    repo, tag = OPERATOR_IMAGE.rsplit(":", 1)
     wrepo, wtag = WORKER_IMAGE.rsplit(":", 1)
-    kube.helm("upgrade", "--install", "clip-operator", chart_ref(), "--plain-http", "-n", namespace,
+    ref = chart_ref()
+    kube.helm("upgrade", "--install", "clip-operator", ref, "--plain-http", "-n", namespace,
               "--create-namespace", "--wait", "--timeout", "180s",
-              "--set", f"replicaCount={replicas}", "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
-              "--set", "image.pullPolicy=Never", "--set", f"worker.image.repository={wrepo}",
+              "--set", f"replicaCount={replicas}", "--set", f"worker.image.repository={wrepo}",
               "--set", f"worker.image.tag={wtag}", "--set", "worker.image.pullPolicy=Never",
               "--set", f"worker.awsEndpointUrl={endpoint}", "--set", "logFormat=json",
               "--set-json", f"extraEnv={json.dumps(extra)}")
+    # The running operator pods' image came from the registry (a registry digest; an imported
+    # image has none). containerd names the digest after the first registry it pulled it from.
+    host = _REGISTRY[0][1]
+    pods = kube.json("get", "pods", "-n", namespace, "-l", "app.kubernetes.io/name=clip-operator")["items"]
+    running = [c for p in pods if not p["metadata"].get("deletionTimestamp")
+               for c in p["status"].get("containerStatuses", [])]
+    # (On a cluster reused across runs, the names are those of an earlier run's registry.)
+    assert running and all(re.match(r"^127\.0\.0\.1:\d+/clip/clip-operator:", c["image"]) for c in running), \
+        (host, running)
+    assert all(re.match(r"^127\.0\.0\.1:\d+/clip/clip-operator@sha256:[0-9a-f]{64}$", c["imageID"])
+               for c in running), [c["imageID"] for c in running]
 
 
 class Middleware:
@@ -294,9 +307,33 @@ def pod_policy(kube: Kube, namespace: str) -> None:
         "get", "resourcequota", "-n", namespace, "compute").get("status", {}).get("hard"))
 
 
-def processor(name: str, namespace: str, mw: Middleware, weights_url: str, claim: str, **scaling) -> dict:
-    """A GPU ClipProcessor on existing nodes (the local node advertises nvidia.com/gpu), builtin
-    scaler, shared cache on `claim`, weights from `weights_url`, AWS = the cluster's moto."""
+def processor_class(name: str) -> dict:
+    """A platform team's ClipProcessorClass for the local node: GPUs on existing nodes (the node
+    advertises nvidia.com/gpu), a budget of 2 GPUs, only the worker image built here, the
+    namespace's PriorityClass."""
+    return {
+        "apiVersion": "lakechain.dev/v1alpha1", "kind": "ClipProcessorClass", "metadata": {"name": name},
+        "spec": {
+            "compute": {"nodes": {"nodeSelector": {"kubernetes.io/os": "linux"}}},
+            "budget": {"maxGPUs": 2, "maxGPUsPerNamespace": 2},
+            "worker": {"allowedImages": [WORKER_IMAGE.rsplit(":", 1)[0] + ":"], "priorityClassName": PRIORITY_CLASS},
+        },
+    }
+
+
+def processor(name: str, namespace: str, mw: Middleware, weights_url: str, claim: str,
+              class_name: str | None = None, **scaling) -> dict:
+    """A GPU ClipProcessor on existing nodes (the local node advertises nvidia.com/gpu): its own
+    compute, or `class_name`'s; builtin scaler, shared cache on `claim`, weights from
+    `weights_url`, AWS = the cluster's moto."""
+    p = _processor(name, namespace, mw, weights_url, claim, **scaling)
+    if class_name:
+        p["spec"]["className"] = class_name
+        del p["spec"]["compute"]
+    return p
+
+
+def _processor(name: str, namespace: str, mw: Middleware, weights_url: str, claim: str, **scaling) -> dict:
     return {
         "apiVersion": "lakechain.dev/v1alpha1", "kind": "ClipProcessor",
         "metadata": {"name": name, "namespace": namespace},

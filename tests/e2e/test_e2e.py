@@ -16,10 +16,11 @@ import time
 import pytest
 
 from local import (MAX_IN_FLIGHT, OPERATOR_IMAGE, PRIORITY_CLASS, PULL_SECRET, ROOT, WORKER_IMAGE, Kube, Middleware,
-                   WeightsServer, cache_volume, install_chart, log, photos, pod_policy, processor, wait)
+                   WeightsServer, cache_volume, install_chart, log, photos, pod_policy, processor, processor_class,
+                   wait)
 from observe import WEIGHTS, Sink, Watcher, check_enriched, ts
 
-NS, NAME, CLAIM = "e2e", "photos", "clip-model-cache"
+NS, NAME, CLAIM, CLASS = "e2e", "photos", "clip-model-cache", "e2e-gpu"
 REPORT = ROOT / "target/e2e/report.json"
 
 
@@ -39,7 +40,9 @@ def stack(cluster):
     mw = Middleware(env["AWS_ENDPOINT_URL"], f"e2e-{int(time.time())}")
     weights = WeightsServer(WEIGHTS, env["CLIP_CLUSTER_HOST"])
     REPORT_DATA["model_cache"] = cache_volume(kube, env, NS, CLAIM)
-    kube.apply(processor(NAME, NS, mw, weights.url, CLAIM))
+    # The processor runs under a platform team's class (the keda test's runs without one).
+    kube.apply(processor_class(CLASS))
+    kube.apply(processor(NAME, NS, mw, weights.url, CLAIM, class_name=CLASS))
     watcher = Watcher(kube, NS, NAME)
     watcher.start()
     sink = Sink(mw)
@@ -55,6 +58,7 @@ def stack(cluster):
     if os.environ.get("E2E_KEEP") != "1":
         kube.run("delete", "clipprocessor", "-n", NS, NAME, "--wait=true", "--timeout=120s", check=False)
         kube.helm("uninstall", "clip-operator", "-n", "clip-system", "--wait")
+        kube.run("delete", "clipprocessorclass", CLASS, "--wait=false", check=False)
         kube.run("delete", "namespace", NS, "--wait=false", check=False)
     weights.close()
 
@@ -78,8 +82,11 @@ def test_the_cache_warm_job_fills_the_cache_in_a_real_pod_before_any_worker(stac
     kube, env = stack["kube"], stack["env"]
     job = f"{NAME}-cache-warm-vit-b-32"
     log(f"waiting for Job {job}")
-    wait("the cache-warm Job to succeed", 300,
-         lambda: kube.json("get", "job", "-n", NS, job).get("status", {}).get("succeeded", 0) >= 1)
+    def succeeded() -> bool:
+        # Not there yet while the operator's class cache catches up with the class just applied.
+        r = kube.run("get", "job", "-n", NS, job, "-o", "json", check=False)
+        return r.returncode == 0 and json.loads(r.stdout).get("status", {}).get("succeeded", 0) >= 1
+    wait("the cache-warm Job to succeed", 300, succeeded)
     (pod,) = kube.json("get", "pods", "-n", NS, "-l", f"job-name={job}")["items"]
     assert pod["status"]["phase"] == "Succeeded"
     # The namespace's ResourceQuota admitted it (it declares requests and limits), with the
@@ -205,6 +212,23 @@ def test_faults_mid_burst_lose_nothing(stack):
     assert sink.duplicates <= MAX_IN_FLIGHT, f"{sink.duplicates} duplicates"
     wait("the Deployment to scale to 0 again", 180, lambda: watcher.replicas() == 0)
     REPORT_DATA["phases"]["faults"] = {"events": 200, "faults": faults, "duplicates": sink.duplicates}
+
+
+def test_the_class_decides_the_nodes_and_the_chart_admission_policy_refuses_what_it_forbids(stack):
+    kube = stack["kube"]
+    d = kube.json("get", "deployment", "-n", NS, f"{NAME}-worker")
+    pod = d["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}, "the class's nodes"
+    assert pod["priorityClassName"] == PRIORITY_CLASS
+    # The real API server, with the chart's ValidatingAdmissionPolicy: an image outside the
+    # class, and more GPUs than its budget, are refused at apply time.
+    bad = processor("intruder", NS, stack["mw"], stack["weights"].url, CLAIM, class_name=CLASS)
+    bad["spec"]["worker"]["image"] = "docker.io/someone/miner:1"
+    r = kube.run("apply", "-f", "-", stdin=json.dumps(bad), check=False)
+    assert r.returncode != 0 and "is not allowed by ClipProcessorClass e2e-gpu" in r.stderr, r.stderr
+    big = processor("intruder", NS, stack["mw"], stack["weights"].url, CLAIM, class_name=CLASS, maxInstances=3)
+    r = kube.run("apply", "-f", "-", stdin=json.dumps(big), check=False)
+    assert r.returncode != 0 and "allows 2 per namespace (budget.maxGPUsPerNamespace)" in r.stderr, r.stderr
 
 
 def test_the_processor_reports_ready_and_scaled_to_zero(stack):
