@@ -11,28 +11,28 @@ use std::sync::LazyLock;
 
 use serde_json::{Map, Value};
 
-/// The `openAPIV3Schema` of the served version of the `ClipProcessor` CRD.
+/// The `openAPIV3Schema` of a derived CRD's served version.
+fn served_schema(
+    crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> Value {
+    let schema = crd.spec.versions[0]
+        .schema
+        .as_ref()
+        .and_then(|s| s.open_api_v3_schema.as_ref())
+        .expect("the derived CRD has a schema");
+    serde_json::to_value(schema).expect("a schema serialises")
+}
+
+/// The `ClipProcessor` CRD's schema.
 static CLIP_PROCESSOR: LazyLock<Value> = LazyLock::new(|| {
     use kube::CustomResourceExt;
-    let crd = crate::crd::ClipProcessor::crd();
-    let schema = crd.spec.versions[0]
-        .schema
-        .as_ref()
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-        .expect("the derived CRD has a schema");
-    serde_json::to_value(schema).expect("a schema serialises")
+    served_schema(crate::crd::ClipProcessor::crd())
 });
 
-/// The `openAPIV3Schema` of the served version of the `ClipProcessorClass` CRD.
+/// The `ClipProcessorClass` CRD's schema.
 static CLIP_PROCESSOR_CLASS: LazyLock<Value> = LazyLock::new(|| {
     use kube::CustomResourceExt;
-    let crd = crate::class::ClipProcessorClass::crd();
-    let schema = crd.spec.versions[0]
-        .schema
-        .as_ref()
-        .and_then(|s| s.open_api_v3_schema.as_ref())
-        .expect("the derived CRD has a schema");
-    serde_json::to_value(schema).expect("a schema serialises")
+    served_schema(crate::class::ClipProcessorClass::crd())
 });
 
 /// Every violation of the `ClipProcessor` schema in `object` (a whole manifest), in document
@@ -553,6 +553,7 @@ mod tests {
         }
         let mut used = Default::default();
         keywords(&CLIP_PROCESSOR, &mut used);
+        keywords(&CLIP_PROCESSOR_CLASS, &mut used);
         let unknown: Vec<_> = used
             .iter()
             .filter(|k| !KNOWN.contains(&k.as_str()))

@@ -158,6 +158,28 @@ fn established(cp: &ControlPlane, crd: &str) {
     ]);
 }
 
+/// `helm install` of the chart in this checkout as release clip-operator in clip-system, with
+/// `extra` arguments; fails the test if helm does. Returns helm's output (the notes).
+fn helm_install(cp: &ControlPlane, extra: &[&str]) -> String {
+    let chart = path("charts/clip-operator");
+    let mut args = vec![
+        "install",
+        "clip-operator",
+        chart.to_str().unwrap(),
+        "--namespace",
+        "clip-system",
+        "--create-namespace",
+    ];
+    args.extend_from_slice(extra);
+    let out = cp.helm(&args);
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn operator_on_a_real_control_plane() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -685,27 +707,17 @@ fn helm_chart_on_a_real_control_plane() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let cp = ControlPlane::start();
     upstream_crds(&cp);
-    let chart = path("charts/clip-operator");
-    let out = cp.helm(&[
-        "install",
-        "clip-operator",
-        chart.to_str().unwrap(),
-        "--namespace",
-        "clip-system",
-        "--create-namespace",
-        "--set",
-        "serviceAccount.roleArn=arn:aws:iam::123456789012:role/clip-operator",
-        "--set",
-        "worker.image.tag=test",
-        "--set",
-        "logFormat=text",
-    ]);
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let notes = helm_install(
+        &cp,
+        &[
+            "--set",
+            "serviceAccount.roleArn=arn:aws:iam::123456789012:role/clip-operator",
+            "--set",
+            "worker.image.tag=test",
+            "--set",
+            "logFormat=text",
+        ],
     );
-    let notes = String::from_utf8_lossy(&out.stdout);
     assert!(notes.contains("kubectl get clipprocessors -A"), "{notes}");
 
     // What the release created.
@@ -916,6 +928,7 @@ fn helm_chart_on_a_real_control_plane() {
         crd["metadata"]["annotations"]["helm.sh/resource-policy"],
         "keep"
     );
+    let chart = path("charts/clip-operator");
     let next = std::env::temp_dir().join(format!("clip-chart-upgrade-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&next);
     std::fs::create_dir_all(&next).unwrap();
@@ -1264,20 +1277,7 @@ fn classes_on_a_real_control_plane() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let cp = ControlPlane::start();
     upstream_crds(&cp);
-    let chart = path("charts/clip-operator");
-    let out = cp.helm(&[
-        "install",
-        "clip-operator",
-        chart.to_str().unwrap(),
-        "--namespace",
-        "clip-system",
-        "--create-namespace",
-    ]);
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    helm_install(&cp, &[]);
     established(&cp, "clipprocessors.lakechain.dev");
     established(&cp, "clipprocessorclasses.lakechain.dev");
     let out = cp.apply(CLASS);
@@ -1559,22 +1559,7 @@ fn an_operator_limited_to_namespaces_serves_those_only_with_rights_there_only() 
     for ns in ["team-a", "team-b"] {
         cp.ok(&["create", "namespace", ns]);
     }
-    let chart = path("charts/clip-operator");
-    let out = cp.helm(&[
-        "install",
-        "clip-operator",
-        chart.to_str().unwrap(),
-        "--namespace",
-        "clip-system",
-        "--create-namespace",
-        "--set",
-        "watchNamespaces={team-a}",
-    ]);
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    helm_install(&cp, &["--set", "watchNamespaces={team-a}"]);
     established(&cp, "clipprocessors.lakechain.dev");
     let me = "system:serviceaccount:clip-system:clip-operator";
     let can = |args: &[&str]| {

@@ -96,8 +96,64 @@ pub fn node_pool(p: &ValidatedProcessor) -> NodePool {
         "app.kubernetes.io/managed-by".into(),
         "clip-operator".into(),
     );
-    // With EFS, pods wait until the EFS CSI node agent is up (it removes this taint).
-    let startup_taints = matches!(p.cache, CacheMode::Efs { .. }).then(|| {
+    let requirements = vec![
+        requirement("node.kubernetes.io/instance-type", c.instance_types.clone()),
+        requirement(
+            "karpenter.sh/capacity-type",
+            vec![p.capacity_type.as_str().into()],
+        ),
+        requirement("kubernetes.io/arch", vec!["amd64".into()]),
+        requirement("kubernetes.io/os", vec!["linux".into()]),
+    ];
+    pool(
+        cluster_meta(p, names::node_pool(p), "node-pool"),
+        Template {
+            node_labels,
+            node_class_ref: NodePoolTemplateSpecNodeClassRef {
+                group: "karpenter.k8s.aws".into(),
+                kind: "EC2NodeClass".into(),
+                name: c.node_pool.node_class_name.clone(),
+            },
+            requirements,
+            taints: vec![gpu_taint()],
+            efs: matches!(p.cache, CacheMode::Efs { .. }),
+            // Only empty nodes go (running workers are never repacked), once they stayed empty
+            // for the processor's cooldown.
+            consolidate_after_seconds: p.spec.scaling.cooldown_seconds,
+        },
+        Some(limits),
+    )
+}
+
+/// The GPU nodes' taint: only pods that tolerate it (GPU workers) land there.
+fn gpu_taint() -> NodePoolTemplateSpecTaints {
+    NodePoolTemplateSpecTaints {
+        key: "nvidia.com/gpu".into(),
+        value: Some("true".into()),
+        effect: NodePoolTemplateSpecTaintsEffect::NoSchedule,
+        time_added: None,
+    }
+}
+
+/// What differs between a processor's pool and a class's.
+struct Template {
+    node_labels: BTreeMap<String, String>,
+    node_class_ref: NodePoolTemplateSpecNodeClassRef,
+    requirements: Vec<NodePoolTemplateSpecRequirements>,
+    taints: Vec<NodePoolTemplateSpecTaints>,
+    /// The workers mount EFS: they wait for the EFS CSI node agent (it removes a startup taint).
+    efs: bool,
+    consolidate_after_seconds: i32,
+}
+
+/// A GPU NodePool: nodes expire after 30 days, empty nodes go after the given time (running
+/// workers are never repacked).
+fn pool(
+    metadata: ObjectMeta,
+    t: Template,
+    limits: Option<BTreeMap<String, IntOrString>>,
+) -> NodePool {
+    let startup_taints = t.efs.then(|| {
         vec![NodePoolTemplateSpecStartupTaints {
             key: "efs.csi.aws.com/agent-not-ready".into(),
             effect: NodePoolTemplateSpecStartupTaintsEffect::NoExecute,
@@ -106,50 +162,31 @@ pub fn node_pool(p: &ValidatedProcessor) -> NodePool {
         }]
     });
     NodePool {
-        metadata: cluster_meta(p, names::node_pool(p), "node-pool"),
+        metadata,
         spec: NodePoolSpec {
             template: NodePoolTemplate {
                 metadata: Some(NodePoolTemplateMetadata {
-                    labels: Some(node_labels),
+                    labels: Some(t.node_labels),
                     annotations: None,
                 }),
                 spec: NodePoolTemplateSpec {
-                    node_class_ref: NodePoolTemplateSpecNodeClassRef {
-                        group: "karpenter.k8s.aws".into(),
-                        kind: "EC2NodeClass".into(),
-                        name: c.node_pool.node_class_name.clone(),
-                    },
-                    requirements: vec![
-                        requirement("node.kubernetes.io/instance-type", c.instance_types.clone()),
-                        requirement(
-                            "karpenter.sh/capacity-type",
-                            vec![p.capacity_type.as_str().into()],
-                        ),
-                        requirement("kubernetes.io/arch", vec!["amd64".into()]),
-                        requirement("kubernetes.io/os", vec!["linux".into()]),
-                    ],
-                    taints: Some(vec![NodePoolTemplateSpecTaints {
-                        key: "nvidia.com/gpu".into(),
-                        value: Some("true".into()),
-                        effect: NodePoolTemplateSpecTaintsEffect::NoSchedule,
-                        time_added: None,
-                    }]),
+                    node_class_ref: t.node_class_ref,
+                    requirements: t.requirements,
+                    taints: Some(t.taints),
                     startup_taints,
                     expire_after: Some("720h".into()),
                     termination_grace_period: Some("1h".into()),
                 },
             },
             disruption: Some(NodePoolDisruption {
-                // Only empty nodes go (running workers are never repacked), once they stayed empty
-                // for the processor's cooldown.
                 consolidation_policy: Some(NodePoolDisruptionConsolidationPolicy::WhenEmpty),
-                consolidate_after: format!("{}s", p.spec.scaling.cooldown_seconds),
+                consolidate_after: format!("{}s", t.consolidate_after_seconds),
                 budgets: Some(vec![NodePoolDisruptionBudgets {
                     nodes: "100%".into(),
                     ..Default::default()
                 }]),
             }),
-            limits: Some(limits),
+            limits,
             replicas: None,
             weight: None,
         },
@@ -207,12 +244,7 @@ pub fn class_node_pool(p: &ValidatedProcessor, class: &Governed) -> NodePool {
             min_values: None,
         });
     }
-    let mut taints = vec![NodePoolTemplateSpecTaints {
-        key: "nvidia.com/gpu".into(),
-        value: Some("true".into()),
-        effect: NodePoolTemplateSpecTaintsEffect::NoSchedule,
-        time_added: None,
-    }];
+    let mut taints = vec![gpu_taint()];
     for t in &k.taints {
         use crate::class::TaintEffect as E;
         taints.push(NodePoolTemplateSpecTaints {
@@ -233,18 +265,6 @@ pub fn class_node_pool(p: &ValidatedProcessor, class: &Governed) -> NodePool {
         "app.kubernetes.io/managed-by".into(),
         "clip-operator".into(),
     );
-    let startup_taints = matches!(
-        class.spec.model_cache.as_ref().map(|c| c.efs.is_some()),
-        Some(true)
-    )
-    .then(|| {
-        vec![NodePoolTemplateSpecStartupTaints {
-            key: "efs.csi.aws.com/agent-not-ready".into(),
-            effect: NodePoolTemplateSpecStartupTaintsEffect::NoExecute,
-            time_added: None,
-            value: None,
-        }]
-    });
     let limits = class.spec.budget.max_gpus.map(|g| {
         BTreeMap::from([(
             "nvidia.com/gpu".to_string(),
@@ -274,46 +294,31 @@ pub fn class_node_pool(p: &ValidatedProcessor, class: &Governed) -> NodePool {
             block_owner_deletion: None,
         }]
     });
-    NodePool {
-        metadata: ObjectMeta {
+    pool(
+        ObjectMeta {
             name: Some(names::node_pool(p)),
             labels: Some(labels),
             owner_references,
             ..Default::default()
         },
-        spec: NodePoolSpec {
-            template: NodePoolTemplate {
-                metadata: Some(NodePoolTemplateMetadata {
-                    labels: Some(node_labels),
-                    annotations: None,
-                }),
-                spec: NodePoolTemplateSpec {
-                    node_class_ref: NodePoolTemplateSpecNodeClassRef {
-                        group: k.node_class_ref.group.clone(),
-                        kind: k.node_class_ref.kind.clone(),
-                        name: k.node_class_ref.name.clone(),
-                    },
-                    requirements,
-                    taints: Some(taints),
-                    startup_taints,
-                    expire_after: Some("720h".into()),
-                    termination_grace_period: Some("1h".into()),
-                },
+        Template {
+            node_labels,
+            node_class_ref: NodePoolTemplateSpecNodeClassRef {
+                group: k.node_class_ref.group.clone(),
+                kind: k.node_class_ref.kind.clone(),
+                name: k.node_class_ref.name.clone(),
             },
-            disruption: Some(NodePoolDisruption {
-                consolidation_policy: Some(NodePoolDisruptionConsolidationPolicy::WhenEmpty),
-                consolidate_after: format!("{}s", k.consolidate_after_seconds),
-                budgets: Some(vec![NodePoolDisruptionBudgets {
-                    nodes: "100%".into(),
-                    ..Default::default()
-                }]),
-            }),
-            limits,
-            replicas: None,
-            weight: None,
+            requirements,
+            taints,
+            efs: class
+                .spec
+                .model_cache
+                .as_ref()
+                .is_some_and(|c| c.efs.is_some()),
+            consolidate_after_seconds: k.consolidate_after_seconds,
         },
-        status: None,
-    }
+        limits,
+    )
 }
 
 #[cfg(test)]
