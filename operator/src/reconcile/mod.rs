@@ -210,11 +210,35 @@ pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     // The processors' cache, fed by its own task (as the children's are, `observe`): the
     // controller takes the changes that pass `reconcile_trigger` from a channel.
-    let (reader, writer) = reflector::store();
-    let (class_reader, class_writer) = reflector::store::<ClipProcessorClass>();
+    let (reader, writer) = reflector::store::<ClipProcessor>();
     // A change of any child, and the scaler's asks, name the processor to reconcile.
     let (asks, asked) = mpsc::unbounded_channel::<(String, String)>();
     let (changed, changes) = mpsc::unbounded_channel::<ClipProcessor>();
+    // A class change reaches every processor it may serve (those naming it, and those naming
+    // none, for a default class). Without the class CRD (an older one installed by hand) the
+    // watch retries with backoff and there are no classes.
+    let class_asks = asks.clone();
+    let members = reader.clone();
+    let mut tasks = Vec::new();
+    let class_reader = observe::feed_with(
+        |w| {
+            scope::watch_all(
+                &client,
+                watcher::Config::default().any_semantic(),
+                w,
+                |_| {},
+            )
+        },
+        move |c: &ClipProcessorClass| {
+            let name = c.name_any();
+            for cp in members.state() {
+                if cp.spec.class_name.as_ref().is_none_or(|n| *n == name) {
+                    let _ = class_asks.send((ns_of(&cp), cp.name_any()));
+                }
+            }
+        },
+        &mut |t| tasks.push(t),
+    );
     let (peers, classes) = (reader.clone(), class_reader.clone());
     let peer_asks = asks.clone();
     let watch = scope::watch(
@@ -240,36 +264,9 @@ pub async fn run(ctx: Arc<Context>) {
         }
         futures::future::ready(())
     });
-    // A class change reaches every processor it may serve (those naming it, and those naming
-    // none, for a default class).
-    let class_asks = asks.clone();
-    let members = reader.clone();
-    let class_watch = watcher(
-        Api::<ClipProcessorClass>::all(client.clone()),
-        watcher::Config::default().any_semantic(),
-    )
-    .default_backoff()
-    .reflect(class_writer)
-    .for_each(move |e| {
-        match e {
-            Ok(watcher::Event::Apply(c) | watcher::Event::Delete(c)) => {
-                let name = c.name_any();
-                for cp in members.state() {
-                    if cp.spec.class_name.as_ref().is_none_or(|n| *n == name) {
-                        let _ = class_asks.send((ns_of(&cp), cp.name_any()));
-                    }
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(
-                "watch of ClipProcessorClasses: {e} (retrying with backoff; is the CRD installed?)"
-            ),
-        }
-        futures::future::ready(())
-    });
     *ctx.api_stores.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((reader.clone(), class_reader.clone()));
-    let mut tasks = vec![tokio::spawn(watch), tokio::spawn(class_watch)];
+    tasks.push(tokio::spawn(watch));
     let changes = futures::stream::unfold(changes, |mut rx| async move {
         let cp = rx.recv().await?;
         Some((Ok::<_, watcher::Error>(cp), rx))

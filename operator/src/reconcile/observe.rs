@@ -132,7 +132,8 @@ fn processor_of<K: Resource>(obj: &K) -> Option<(String, String)> {
     ))
 }
 
-/// A kind's cache, fed by the watch `watch` makes from its writer.
+/// A kind's cache, fed by the watch `watch` makes from its writer; each change of a child asks
+/// for a reconcile of its processor.
 fn feed<K>(
     watch: impl FnOnce(
         reflector::store::Writer<K>,
@@ -144,8 +145,32 @@ fn feed<K>(
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
-    let (reader, writer) = reflector::store();
     let triggers = triggers.clone();
+    feed_with(
+        watch,
+        move |obj: &K| {
+            if let Some(p) = processor_of(obj) {
+                let _ = triggers.send(p);
+            }
+        },
+        spawn,
+    )
+}
+
+/// A kind's cache, fed by the watch `watch` makes from its writer, calling `changed` with each
+/// object that changes (also those listed at a (re)start).
+pub(crate) fn feed_with<K>(
+    watch: impl FnOnce(
+        reflector::store::Writer<K>,
+    )
+        -> futures::stream::BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>,
+    changed: impl Fn(&K) + Send + 'static,
+    spawn: &mut impl FnMut(JoinHandle<()>),
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
     let kind = K::kind(&()).to_string();
     // No `default_backoff()`: kube's watcher yields `Event::Init` (an `Ok`) before every list,
     // which resets that backoff, so a watch of a kind whose CRD is not installed listed about
@@ -164,15 +189,13 @@ where
                     | watcher::Event::Delete(obj),
                 ) => {
                     retry.reset();
-                    if let Some(p) = processor_of(&obj) {
-                        let _ = triggers.send(p);
-                    }
+                    changed(&obj);
                 }
                 Err(e) => {
                     let delay = retry.next();
                     // A kind whose CRD is not installed fails here until it is; said once.
                     if delay == Retry::FIRST {
-                        tracing::debug!("watch of {kind} children: {e} (retrying with backoff)");
+                        tracing::debug!("watch of {kind}: {e} (retrying with backoff)");
                     }
                     tokio::time::sleep(delay).await;
                 }
