@@ -180,6 +180,20 @@ fn helm_install(cp: &ControlPlane, extra: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A kubeconfig with the token of the chart's ServiceAccount: the operator then runs with exactly
+/// the chart's RBAC.
+fn chart_kubeconfig(cp: &ControlPlane) -> std::path::PathBuf {
+    let token = cp.ok(&[
+        "create",
+        "token",
+        "clip-operator",
+        "-n",
+        "clip-system",
+        "--duration=1h",
+    ]);
+    cp.kubeconfig_for("clip-operator", token.trim())
+}
+
 #[test]
 fn operator_on_a_real_control_plane() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -799,15 +813,7 @@ fn helm_chart_on_a_real_control_plane() {
 
     // The operator with the ServiceAccount's token: the chart's RBAC is enough for a full
     // lifecycle (create, scale, status, events, delete with the finalizer).
-    let token = cp.ok(&[
-        "create",
-        "token",
-        "clip-operator",
-        "-n",
-        "clip-system",
-        "--duration=1h",
-    ]);
-    let kubeconfig = cp.kubeconfig_for("clip-operator", token.trim());
+    let kubeconfig = chart_kubeconfig(&cp);
     let moto = Moto::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sqs = rt.block_on(moto.sqs());
@@ -1345,15 +1351,7 @@ fn classes_on_a_real_control_plane() {
     }
 
     // The operator with the chart's RBAC.
-    let token = cp.ok(&[
-        "create",
-        "token",
-        "clip-operator",
-        "-n",
-        "clip-system",
-        "--duration=1h",
-    ]);
-    let kubeconfig = cp.kubeconfig_for("clip-operator", token.trim());
+    let kubeconfig = chart_kubeconfig(&cp);
     let moto = Moto::start();
     let mut op = Operator::start_as(
         &cp,
@@ -1577,15 +1575,7 @@ fn an_operator_limited_to_namespaces_serves_those_only_with_rights_there_only() 
         "--all-namespaces"
     ]));
 
-    let token = cp.ok(&[
-        "create",
-        "token",
-        "clip-operator",
-        "-n",
-        "clip-system",
-        "--duration=1h",
-    ]);
-    let kubeconfig = cp.kubeconfig_for("clip-operator", token.trim());
+    let kubeconfig = chart_kubeconfig(&cp);
     let moto = Moto::start();
     let mut op = Operator::start_as(
         &cp,
