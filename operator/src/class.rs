@@ -318,8 +318,10 @@ pub struct ClassModelCache {
 }
 
 /// Worker images, defaults and pod policy.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.maxResources) || self.maxResources.all(n, isQuantity(string(self.maxResources[n])))").message("worker.maxResources: every value must be a quantity (e.g. 8, 500m, 32Gi)"))]
+#[x_kube(validation = Rule::new("!has(self.resources) || !has(self.maxResources) || self.maxResources.all(n, (!has(self.resources.requests) || !(n in self.resources.requests) || quantity(string(self.resources.requests[n])).compareTo(quantity(string(self.maxResources[n]))) <= 0) && (!has(self.resources.limits) || !(n in self.resources.limits) || quantity(string(self.resources.limits[n])).compareTo(quantity(string(self.maxResources[n]))) <= 0))").message("worker.resources: the class's default requests and limits must not exceed worker.maxResources"))]
 pub struct ClassWorker {
     /// Image prefixes a processor's worker image must start with (e.g.
     /// 123456789012.dkr.ecr.us-east-1.amazonaws.com/clip-worker: or registry.example.com/ml/).
@@ -333,7 +335,15 @@ pub struct ClassWorker {
     pub image: Option<String>,
     /// Container resources of the processors that set none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = bounded_resource_maps)]
     pub resources: Option<ResourceRequirements>,
+    /// The most one worker container may request or be limited to, per resource (cpu, memory,
+    /// ephemeral-storage, nvidia.com/gpu, ...), as a LimitRange's max: a processor asking for
+    /// more is refused, and an unset cpu, memory or ephemeral-storage limit becomes this
+    /// maximum, so no worker of the class is unbounded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = bounded_quantities)]
+    pub max_resources: BTreeMap<String, Quantity>,
     /// PriorityClass of every worker and cache-warm pod; a processor may not pick another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
@@ -362,6 +372,90 @@ impl Refusal {
             message,
         }
     }
+}
+
+/// The most resources a worker map names, and the longest quantity: bounds that let the API
+/// server's CEL cost estimate accept the rules comparing the class's defaults with its maximum.
+const MAX_RESOURCE_NAMES: u64 = 16;
+const MAX_QUANTITY_LENGTH: u64 = 64;
+
+/// A `resource name -> quantity` map's schema, bounded (see [`MAX_RESOURCE_NAMES`]).
+fn bounded_quantities(schema: &mut schemars::Schema) {
+    schema.insert("maxProperties".into(), MAX_RESOURCE_NAMES.into());
+    if let Some(values) = schema
+        .get_mut("additionalProperties")
+        .and_then(|v| v.as_object_mut())
+    {
+        values.insert("maxLength".into(), MAX_QUANTITY_LENGTH.into());
+    }
+}
+
+/// ResourceRequirements' schema with its requests and limits bounded.
+fn bounded_resource_maps(schema: &mut schemars::Schema) {
+    for map in ["requests", "limits"] {
+        if let Some(m) = schema
+            .get_mut("properties")
+            .and_then(|p| p.get_mut(map))
+            .and_then(|m| m.as_object_mut())
+        {
+            m.insert("maxProperties".into(), MAX_RESOURCE_NAMES.into());
+            if let Some(values) = m
+                .get_mut("additionalProperties")
+                .and_then(|v| v.as_object_mut())
+            {
+                values.insert("maxLength".into(), MAX_QUANTITY_LENGTH.into());
+            }
+        }
+    }
+}
+
+/// Resources whose unset limit becomes the class maximum. Extended resources (GPUs) are only
+/// checked: a CPU worker must not be given a GPU limit.
+const BOUNDED_WHEN_UNSET: [&str; 3] = ["cpu", "memory", "ephemeral-storage"];
+
+/// The worker container's resources `r` (what it would run with) held to the class's `max`, as
+/// a LimitRange's max is: every request and limit at most the maximum, and an unset cpu, memory
+/// or ephemeral-storage limit set to it. Each violation is named, with the value and the limit.
+fn bound_resources(
+    mut r: ResourceRequirements,
+    max: &BTreeMap<String, Quantity>,
+    class: &str,
+) -> Result<ResourceRequirements, Vec<String>> {
+    use kube_quantity::ParsedQuantity;
+    let parse = |field: &str, q: &Quantity| {
+        ParsedQuantity::try_from(q).map_err(|e| format!("{field} {:?} is not a quantity: {e}", q.0))
+    };
+    let mut over = Vec::new();
+    for (resource, most) in max {
+        let most_parsed = match parse(&format!("class worker.maxResources.{resource}"), most) {
+            Ok(q) => q,
+            Err(e) => {
+                over.push(e);
+                continue;
+            }
+        };
+        for (kind, values) in [("requests", &r.requests), ("limits", &r.limits)] {
+            let Some(value) = values.as_ref().and_then(|m| m.get(resource)) else {
+                continue;
+            };
+            let field = format!("worker.resources.{kind}.{resource}");
+            match parse(&field, value) {
+                Ok(v) if v > most_parsed => over.push(format!(
+                    "{field} is {}, more than ClipProcessorClass {class:?} allows (worker.maxResources.{resource}: {})",
+                    value.0, most.0
+                )),
+                Ok(_) => {}
+                Err(e) => over.push(e),
+            }
+        }
+        if BOUNDED_WHEN_UNSET.contains(&resource.as_str()) {
+            r.limits
+                .get_or_insert_with(BTreeMap::new)
+                .entry(resource.clone())
+                .or_insert_with(|| most.clone());
+        }
+    }
+    if over.is_empty() { Ok(r) } else { Err(over) }
 }
 
 /// Whether `class` carries the default-class annotation.
@@ -654,12 +748,30 @@ pub fn govern(
     spec.worker
         .topology_spread_constraints
         .extend(cs.worker.topology_spread_constraints.iter().cloned());
+    let defaulted = spec.worker.resources.is_none() && cs.worker.resources.is_none();
     if spec.worker.resources.is_none() {
         spec.worker.resources = cs.worker.resources.clone();
     }
     if cs.worker.priority_class_name.is_some() {
         spec.worker.priority_class_name = cs.worker.priority_class_name.clone();
     }
+    if !cs.worker.max_resources.is_empty() {
+        let bounded = bound_resources(
+            crate::reconcile::build::worker_resources(&p),
+            &cs.worker.max_resources,
+            &name,
+        )
+        .map_err(|over| {
+            let whose = if defaulted {
+                " (the operator's defaults, as neither the processor nor the class sets worker.resources)"
+            } else {
+                ""
+            };
+            Refusal::policy(format!("{}{whose}", over.join("; ")))
+        })?;
+        p.spec.worker.resources = Some(bounded);
+    }
+    let spec = &mut p.spec;
     if let (Some(cache), CacheMode::EmptyDir) = (&cs.model_cache, &p.cache) {
         p.cache = match (&cache.efs, &cache.storage_class_name) {
             (Some(efs), _) => CacheMode::Efs {
@@ -917,6 +1029,105 @@ mod tests {
             json!({"className": "ml", "compute": {"instanceTypes": ["g4dn.xlarge"], "capacityType": "on-demand", "nodePool": {"provisioner": "karpenter", "nodeClassName": "default"}}, "modelCache": {"none": true}}),
         );
         assert!(governed(&old, std::slice::from_ref(&old), &classes).is_ok());
+    }
+
+    #[test]
+    fn a_worker_gets_no_more_than_the_class_maximum() {
+        let mut c = gpu_class("ml");
+        c.spec.worker.max_resources = BTreeMap::from([
+            ("cpu".into(), Quantity("4".into())),
+            ("memory".into(), Quantity("16Gi".into())),
+            ("nvidia.com/gpu".into(), Quantity("2".into())),
+        ]);
+        let classes = [c];
+        let run = |spec: Value| {
+            let mut spec = spec;
+            spec["className"] = json!("ml");
+            let cp = processor("a", "p", 1, spec);
+            governed(&cp, std::slice::from_ref(&cp), &classes)
+        };
+        let container = |p: &ValidatedProcessor| {
+            build::deployment(p)
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .containers[0]
+                .resources
+                .clone()
+                .unwrap()
+        };
+        // Within the maximum (in other units): kept, and the unset cpu limit becomes the max.
+        let p = run(json!({"worker": {"resources": {
+            "requests": {"cpu": "1500m", "memory": "12Gi"},
+            "limits": {"memory": "16384Mi"}
+        }}}))
+        .unwrap();
+        let r = container(&p);
+        let limits = r.limits.unwrap();
+        assert_eq!(limits["memory"].0, "16384Mi");
+        assert_eq!(limits["cpu"].0, "4");
+        assert_eq!(limits["nvidia.com/gpu"].0, "1");
+        assert_eq!(r.requests.unwrap()["cpu"].0, "1500m");
+        // Beyond it: refused, naming each field, its value and the class maximum.
+        let e = run(json!({"worker": {"resources": {
+            "requests": {"cpu": "6", "memory": "8Gi"},
+            "limits": {"memory": "17Gi"}
+        }}}))
+        .unwrap_err();
+        assert_eq!(e.reason, "ClassPolicy");
+        assert!(
+            e.message.contains("worker.resources.requests.cpu is 6, more than ClipProcessorClass \"ml\" allows (worker.maxResources.cpu: 4)"),
+            "{e:?}"
+        );
+        assert!(
+            e.message
+                .contains("worker.resources.limits.memory is 17Gi, more than"),
+            "{e:?}"
+        );
+        assert!(!e.message.contains("operator's defaults"), "{e:?}");
+        // GPUs per worker come from compute.gpusPerInstance, held to the same maximum.
+        let e = run(json!({"compute": {"gpusPerInstance": 4}})).unwrap_err();
+        assert!(
+            e.message
+                .contains("worker.resources.limits.nvidia.com/gpu is 4"),
+            "{e:?}"
+        );
+        // The operator's own defaults (14Gi limit) are held to it too, and the message says so.
+        let mut tight = gpu_class("ml");
+        tight.spec.worker.max_resources =
+            BTreeMap::from([("memory".into(), Quantity("8Gi".into()))]);
+        let cp = processor("a", "p", 1, json!({"className": "ml"}));
+        let e = governed(&cp, std::slice::from_ref(&cp), &[tight.clone()]).unwrap_err();
+        assert!(e.message.contains("limits.memory is 14Gi"), "{e:?}");
+        assert!(e.message.contains("the operator's defaults"), "{e:?}");
+        // A class default within the maximum serves the processors that set nothing.
+        tight.spec.worker.resources = Some(ResourceRequirements {
+            requests: Some(BTreeMap::from([("memory".into(), Quantity("6Gi".into()))])),
+            ..Default::default()
+        });
+        let p = governed(&cp, std::slice::from_ref(&cp), &[tight.clone()]).unwrap();
+        assert_eq!(container(&p).limits.unwrap()["memory"].0, "8Gi");
+        // An unparsable quantity is named, never a panic.
+        let e = run(json!({"worker": {"resources": {"limits": {"cpu": "lots"}}}})).unwrap_err();
+        assert!(
+            e.message
+                .contains("worker.resources.limits.cpu \"lots\" is not a quantity"),
+            "{e:?}"
+        );
+        // A CPU class's maximum on GPUs gives a CPU worker no GPU limit.
+        let mut cpu = class("cpu", json!({"compute": {"device": "cpu"}}));
+        cpu.spec.worker.max_resources =
+            BTreeMap::from([("nvidia.com/gpu".into(), Quantity("1".into()))]);
+        let cp = processor("a", "p", 1, json!({"className": "cpu"}));
+        let p = governed(&cp, std::slice::from_ref(&cp), &[cpu]).unwrap();
+        assert!(
+            !container(&p)
+                .limits
+                .unwrap_or_default()
+                .contains_key("nvidia.com/gpu")
+        );
     }
 
     #[test]

@@ -1276,6 +1276,10 @@ spec:
   worker:
     allowedImages: ["registry.example.com/ml/"]
     image: registry.example.com/ml/clip-worker:1
+    maxResources:
+      cpu: "4"
+      memory: 16Gi
+      nvidia.com/gpu: "1"
 "#;
 
 #[test]
@@ -1289,6 +1293,30 @@ fn classes_on_a_real_control_plane() {
     let out = cp.apply(CLASS);
     assert!(
         out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A class whose own defaults exceed its maximum is refused by the class's schema.
+    let out = cp.apply(&CLASS.replace("name: ml\n", "name: loose\n").replace(
+        "    maxResources:\n",
+        "    resources:\n      limits:\n        memory: 32Gi\n    maxResources:\n",
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a class above its own maximum was admitted"
+    );
+    assert!(
+        err.contains("the class's default requests and limits must not exceed worker.maxResources"),
+        "{err}"
+    );
+    let out = cp.apply(
+        &CLASS
+            .replace("name: ml\n", "name: loose\n")
+            .replace("memory: 16Gi", "memory: lots"),
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("every value must be a quantity"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -1337,6 +1365,16 @@ fn classes_on_a_real_control_plane() {
             "a file system of their choosing",
             "  className: ml\n  modelCache:\n    efs:\n      fileSystemId: fs-0123456789abcdef0\n",
             "modelCache.efs: the file systems are ClipProcessorClass ml's to choose",
+        ),
+        (
+            "more memory than a worker may have",
+            "  className: ml\n  scaling:\n    engine: keda\n    maxInstances: 1\n  worker:\n    resources:\n      requests:\n        cpu: 500m\n      limits:\n        memory: 20Gi\n",
+            "worker.resources.limits.memory 20Gi > 16Gi: more than ClipProcessorClass ml allows one worker (worker.maxResources)",
+        ),
+        (
+            "more GPUs per worker than a worker may have",
+            "  className: ml\n  compute:\n    gpusPerInstance: 2\n  scaling:\n    engine: keda\n    maxInstances: 1\n",
+            "compute.gpusPerInstance is 2; ClipProcessorClass ml allows 1 per worker",
         ),
         (
             "instance types of their choosing",
@@ -1418,6 +1456,8 @@ fn classes_on_a_real_control_plane() {
             pod["containers"][0]["image"],
             "registry.example.com/ml/clip-worker:1"
         );
+        // No worker of the class is unbounded: the unset cpu limit is the class maximum.
+        assert_eq!(pod["containers"][0]["resources"]["limits"]["cpu"], "4");
         let claim = claim_of(&d["spec"]["template"]);
         let pvc = cp.get(&["pvc", &claim, "-n", ns]).expect("the cache claim");
         assert_eq!(pvc["spec"]["storageClassName"], "efs-ap");

@@ -77,7 +77,7 @@ pub fn worker_env(p: &ValidatedProcessor) -> Vec<EnvVar> {
 
 /// Resources: the user's, else the device's defaults; on GPUs the GPU count is always taken
 /// from compute.gpusPerInstance.
-fn resources(p: &ValidatedProcessor) -> ResourceRequirements {
+pub fn resources(p: &ValidatedProcessor) -> ResourceRequirements {
     let q = |s: &str| Quantity(s.to_string());
     let (memory_request, memory_limit) = match p.device {
         ComputeDevice::Gpu => ("8Gi", "14Gi"),

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 pub use cache::{cache_warm_job, persistent_volume, persistent_volume_claim};
-pub use deployment::deployment;
+pub use deployment::{deployment, resources as worker_resources};
 pub use keda::{scaled_object, trigger_authentication};
 pub use nodepool::{class_node_pool, instance_shape, node_pool};
 
