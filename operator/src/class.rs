@@ -379,14 +379,21 @@ impl Refusal {
 const MAX_RESOURCE_NAMES: u64 = 16;
 const MAX_QUANTITY_LENGTH: u64 = 64;
 
-/// A `resource name -> quantity` map's schema, bounded (see [`MAX_RESOURCE_NAMES`]).
-fn bounded_quantities(schema: &mut schemars::Schema) {
-    schema.insert("maxProperties".into(), MAX_RESOURCE_NAMES.into());
-    if let Some(values) = schema
+/// Bounds a `resource name -> quantity` map schema (see [`MAX_RESOURCE_NAMES`]).
+fn bound_quantity_map(map: &mut serde_json::Map<String, serde_json::Value>) {
+    map.insert("maxProperties".into(), MAX_RESOURCE_NAMES.into());
+    if let Some(values) = map
         .get_mut("additionalProperties")
         .and_then(|v| v.as_object_mut())
     {
         values.insert("maxLength".into(), MAX_QUANTITY_LENGTH.into());
+    }
+}
+
+/// `worker.maxResources`' schema, bounded.
+fn bounded_quantities(schema: &mut schemars::Schema) {
+    if let Some(map) = schema.as_object_mut() {
+        bound_quantity_map(map);
     }
 }
 
@@ -398,13 +405,7 @@ fn bounded_resource_maps(schema: &mut schemars::Schema) {
             .and_then(|p| p.get_mut(map))
             .and_then(|m| m.as_object_mut())
         {
-            m.insert("maxProperties".into(), MAX_RESOURCE_NAMES.into());
-            if let Some(values) = m
-                .get_mut("additionalProperties")
-                .and_then(|v| v.as_object_mut())
-            {
-                values.insert("maxLength".into(), MAX_QUANTITY_LENGTH.into());
-            }
+            bound_quantity_map(m);
         }
     }
 }
