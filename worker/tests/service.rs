@@ -340,7 +340,10 @@ fn bad_inputs_reach_their_documented_outcomes() {
         dead_bodies, bad_ids,
         "every bad message ends in the dead-letter queue"
     );
-    assert_eq!(rt.block_on(stack.depth(&stack.input)), (0, 0));
+    assert_eq!(
+        rt.block_on(stack.settled(&stack.input, Duration::from_secs(30))),
+        (0, 0)
+    );
     assert_eq!(
         worker.metric("clip_worker_messages_total{outcome=\"skipped\"}"),
         1.0
@@ -494,7 +497,11 @@ fn kill_9_mid_batch_loses_nothing() {
         unique, ids,
         "every message ends with an output (duplicates allowed)"
     );
-    assert_eq!(rt.block_on(stack.depth(&stack.input)), (0, 0));
+    assert_eq!(
+        rt.block_on(stack.settled(&stack.input, Duration::from_secs(30))),
+        (0, 0),
+        "every message, duplicates included, is deleted from the input in the end"
+    );
     // Duplicates point at the same vector file, which retries overwrite with identical content.
     let listed = rt
         .block_on(

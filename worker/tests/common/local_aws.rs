@@ -277,6 +277,20 @@ impl Stack {
         )
     }
 
+    /// Waits until the queue holds nothing, visible or in flight, and returns its last depth.
+    /// Where a worker still runs, a redelivered duplicate can be in its hands for a moment
+    /// after the last new output appeared; what matters is that it is deleted in the end.
+    pub async fn settled(&self, queue: &str, timeout: std::time::Duration) -> (u64, u64) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let d = self.depth(queue).await;
+            if d == (0, 0) || std::time::Instant::now() >= deadline {
+                return d;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+
     pub async fn object(&self, bucket: &str, key: &str) -> (Vec<u8>, Option<String>) {
         let out = self
             .c
