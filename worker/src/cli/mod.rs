@@ -3,6 +3,7 @@
 
 mod bench;
 mod embed;
+mod query;
 mod serve;
 
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ enum Command {
     Embed(embed::EmbedArgs),
     /// Consume Lakechain events from SQS: embed, write vectors to S3, publish to SNS.
     Serve(Box<serve::ServeArgs>),
+    /// Serve text and image embeddings over HTTP (OpenAI's /v1/embeddings), from the same model.
+    Query(Box<query::QueryArgs>),
     /// Download the model weights into the cache once (the cluster's cache-warm Job).
     FetchWeights(serve::FetchWeightsArgs),
     /// Measure preprocessing and end-to-end throughput on files (used by `make bench`).
@@ -93,16 +96,7 @@ pub struct ModelArgs {
     pub torch_threads: Option<i32>,
 }
 
-/// The thread pool that decodes and preprocesses (default: one thread per core).
-pub fn decode_pool(threads: Option<usize>) -> anyhow::Result<rayon::ThreadPool> {
-    use anyhow::Context;
-    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n.max(1))
-        .thread_name(|i| format!("decode-{i}"))
-        .build()
-        .context("cannot start the decode threads")
-}
+pub use crate::service::decode_pool;
 
 pub(crate) fn parse_model(s: &str) -> Result<ModelSpec, String> {
     s.parse()
@@ -163,6 +157,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Embed(args) => embed::run(args),
         Command::Serve(args) => serve::run(*args),
+        Command::Query(args) => query::run(*args),
         Command::FetchWeights(args) => serve::fetch_weights(args),
         Command::Bench(args) => bench::run(args),
     };

@@ -5,6 +5,7 @@
 //! then the weights (downloaded once to the shared cache if missing), then the model on its own
 //! thread, then the queue. SIGTERM/SIGINT drain (see [`pipeline`]).
 
+pub mod batcher;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
@@ -167,7 +168,7 @@ pub async fn serve(cfg: ServeConfig, model: ModelSettings) -> anyhow::Result<()>
         if cfg.topic.is_none() {
             tracing::warn!("SNS_TARGET_TOPIC is empty: enriched events are not published");
         }
-        let pool = crate::cli::decode_pool(cfg.decode_threads)?;
+        let pool = decode_pool(cfg.decode_threads)?;
         let preprocessor = Preprocessor {
             size: image_size,
             ..model.preprocessor
@@ -200,7 +201,18 @@ pub async fn serve(cfg: ServeConfig, model: ModelSettings) -> anyhow::Result<()>
     outcome
 }
 
-async fn wait_for_signal() {
+/// The thread pool that decodes and preprocesses (default: one thread per core).
+pub fn decode_pool(threads: Option<usize>) -> anyhow::Result<rayon::ThreadPool> {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n.max(1))
+        .thread_name(|i| format!("decode-{i}"))
+        .build()
+        .context("cannot start the decode threads")
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub(crate) async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -380,24 +380,18 @@ impl Pipeline {
     /// after the first one.
     async fn batcher(
         self: Arc<Self>,
-        mut ready: mpsc::Receiver<Ready>,
+        ready: mpsc::Receiver<Ready>,
         batches: mpsc::Sender<Vec<Ready>>,
     ) {
-        let max = self.cfg.batch_size.max(1);
-        while let Some(first) = ready.recv().await {
-            let deadline = tokio::time::Instant::now() + self.cfg.batch_wait;
-            let mut batch = vec![first];
-            while batch.len() < max {
-                match tokio::time::timeout_at(deadline, ready.recv()).await {
-                    Ok(Some(r)) => batch.push(r),
-                    _ => break,
-                }
-            }
-            self.metrics.batch_size.observe(batch.len() as f64);
-            if batches.send(batch).await.is_err() {
-                return;
-            }
-        }
+        let metrics = self.metrics.clone();
+        super::batcher::run(
+            ready,
+            self.cfg.batch_size,
+            self.cfg.batch_wait,
+            batches,
+            |n| metrics.batch_size.observe(n as f64),
+        )
+        .await;
     }
 
     // -------------------------------------------------------------------------------- output
