@@ -18,7 +18,7 @@ export CLIP_FIXTURES := $(FIXTURES)
 CARGO ?= cargo
 CARGO_FLAGS := --release --locked
 
-.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo demo-worker bench bench-images bench-operator crd chart chart-docs release dashboard clean images cluster-up cluster-down node-components keda prebuild e2e
+.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo demo-worker bench bench-images bench-operator bench-query crd chart chart-docs release dashboard clean images cluster-up cluster-down node-components keda prebuild e2e
 
 help:
 	@echo "make test    build everything and run every test (what CI runs; root + docker)"
@@ -28,6 +28,7 @@ help:
 	@echo "make cluster-up / cluster-down   the single-node cluster built from source"
 	@echo "make e2e     the chart and the images on that cluster: cache warm, 0 -> N -> 0, faults"
 	@echo "make bench   throughput vs the Python reference; see BENCHMARKS.md"
+	@echo "make bench-query   the query endpoint vs a transformers + FastAPI server, concurrency 1/8/32"
 	@echo "make bench-operator   1,000 processors on a real API server: readiness, scale latency, cost at rest"
 	@echo "make lint    cargo fmt --check + clippy -D warnings"
 	@echo "make crd     regenerate crds/ from the Rust types"
@@ -83,8 +84,8 @@ envtest: build control-plane kube-tools
 
 # The chart, the Argo CD health check and the container images (helm, lua, the built binaries,
 # the images themselves run in containers).
-test-python: build kube-tools images
-	$(PY) -m pytest -q tests/chart tests/argocd tests/images
+test-python: build fixtures kube-tools images
+	$(PY) -m pytest -q tests/chart tests/argocd tests/images tests/query
 
 # The operator and worker images from their Dockerfiles (docker with BuildKit; base images made
 # from Debian packages where no registry is reachable: scripts/base-images.sh).
@@ -168,6 +169,11 @@ demo-worker: build fixtures
 
 bench: build fixtures
 	$(PY) tests/bench/bench.py --worker target/release/clip-worker --fixtures $(FIXTURES)
+
+# ViT-B/32 text queries: clip-worker query vs transformers behind FastAPI, concurrency 1/8/32
+# (about 4 minutes; figures in BENCHMARKS.md).
+bench-query: build-worker fixtures
+	$(PY) tests/bench/query.py --worker target/release/clip-worker --fixtures $(FIXTURES)
 
 # One operator, 1,000 processors in 50 namespaces, on the real kube-apiserver + etcd and moto
 # (about 15 minutes; figures in BENCHMARKS.md).

@@ -75,6 +75,50 @@ pub const TORCH_THREADS: &str = "TORCH_THREADS";
 /// Seconds between progress log lines. Default 30.
 pub const PROGRESS_INTERVAL_SECONDS: &str = "PROGRESS_INTERVAL_SECONDS";
 
+/// `clip-worker query`: inputs accepted and not yet answered, over all requests (beyond: 429).
+pub const QUERY_MAX_QUEUE: &str = "QUERY_MAX_QUEUE";
+/// `clip-worker query`: inputs in one request.
+pub const QUERY_MAX_INPUTS: &str = "QUERY_MAX_INPUTS";
+/// `clip-worker query`: bytes of one text input.
+pub const QUERY_MAX_TEXT_BYTES: &str = "QUERY_MAX_TEXT_BYTES";
+/// `clip-worker query`: bytes of one request body.
+pub const QUERY_MAX_BODY_BYTES: &str = "QUERY_MAX_BODY_BYTES";
+/// `clip-worker query`: whether `{"image": base64}` inputs are accepted.
+pub const QUERY_IMAGES: &str = "QUERY_IMAGES";
+/// `clip-worker query`: L2-normalised vectors by default (requests may say otherwise).
+pub const QUERY_NORMALIZE: &str = "QUERY_NORMALIZE";
+
+/// Every variable `clip-worker query` reads (the operator's query Deployment and docs/query.md).
+pub const QUERY: [&str; 27] = [
+    CLIP_MODEL,
+    CACHE_DIR,
+    CLIP_WEIGHTS_DIR,
+    CLIP_WEIGHTS_SOURCE,
+    AWS_DEFAULT_REGION,
+    AWS_ENDPOINT_URL,
+    CLIP_DEVICE,
+    CLIP_PRECISION,
+    TORCH_THREADS,
+    BATCH_SIZE,
+    BATCH_WAIT_MS,
+    DECODE_THREADS,
+    HTTP_PORT,
+    LOG_FORMAT,
+    LOG_LEVEL,
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
+    MAX_ASPECT_RATIO,
+    JPEG_DRAFT,
+    DECODE_MEMORY,
+    QUERY_MAX_QUEUE,
+    QUERY_MAX_INPUTS,
+    QUERY_MAX_TEXT_BYTES,
+    QUERY_MAX_BODY_BYTES,
+    QUERY_IMAGES,
+    QUERY_NORMALIZE,
+];
+
 /// Every variable `clip-worker serve` reads, for the operator's tests and the docs.
 pub const ALL: [&str; 35] = [
     INPUT_QUEUE_URL,
@@ -139,6 +183,21 @@ mod tests {
                 "docs/worker.md does not document {v}"
             );
         }
+    }
+
+    #[test]
+    fn every_query_variable_is_documented() {
+        let doc = include_str!("../../docs/query.md");
+        for v in QUERY {
+            assert!(
+                doc.contains(&format!("| `{v}` |")),
+                "docs/query.md does not document {v}"
+            );
+        }
+        let mut sorted = QUERY.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), QUERY.len(), "no variable listed twice");
     }
 
     #[test]

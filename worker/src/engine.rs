@@ -149,6 +149,11 @@ impl Engine {
         self.model.image_size() as u32
     }
 
+    /// Tokens the text tower reads (77 for CLIP); longer texts are truncated.
+    pub fn text_context(&self) -> usize {
+        self.model.config.text.max_position_embeddings as usize
+    }
+
     /// Where the model runs.
     pub fn placement(&self) -> Placement {
         self.model.placement

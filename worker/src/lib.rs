@@ -5,6 +5,7 @@
 //! * [`tokenizer`], [`labels`]: text side and zero-shot keywords.
 //! * [`engine`]: the three together, batched.
 //! * [`event`], [`aws`], [`weights`], [`service`]: the queue worker (`clip-worker serve`).
+//! * [`query`]: text and image embeddings over HTTP (`clip-worker query`).
 //! * [`cli`]: the `clip-worker` command line.
 
 pub mod aws;
@@ -14,6 +15,7 @@ pub mod event;
 pub mod labels;
 pub mod model;
 pub mod preprocess;
+pub mod query;
 pub mod service;
 pub mod tokenizer;
 pub mod weights;

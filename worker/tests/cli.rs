@@ -202,26 +202,37 @@ fn nothing_to_do_is_an_error() {
     assert!(stderr.contains("nothing to embed"), "{stderr}");
 }
 
-#[test]
-fn serve_reads_every_variable_of_the_contract() {
-    // clap prints `[env: NAME=...]` for every flag backed by a variable.
+/// The variables a subcommand reads: clap prints `[env: NAME=...]` for every flag backed by one.
+fn variables_read(command: &str) -> Vec<String> {
     let out = Command::new(env!("CARGO_BIN_EXE_clip-worker"))
-        .args(["serve", "--help"])
+        .args([command, "--help"])
         .output()
         .unwrap();
     let help = String::from_utf8(out.stdout).unwrap();
-    let mut read: Vec<&str> = help
+    let mut read: Vec<String> = help
         .match_indices("[env: ")
         .map(|(i, _)| {
             let rest = &help[i + 6..];
-            &rest[..rest.find(['=', ']']).unwrap()]
+            rest[..rest.find(['=', ']']).unwrap()].to_string()
         })
         .collect();
     read.sort();
     read.dedup();
+    read
+}
+
+#[test]
+fn serve_reads_every_variable_of_the_contract() {
     let mut want: Vec<&str> = clip_contract::env::ALL.to_vec();
     want.sort();
-    assert_eq!(read, want);
+    assert_eq!(variables_read("serve"), want);
+}
+
+#[test]
+fn query_reads_every_variable_of_its_contract() {
+    let mut want: Vec<&str> = clip_contract::env::QUERY.to_vec();
+    want.sort();
+    assert_eq!(variables_read("query"), want);
 }
 
 #[test]

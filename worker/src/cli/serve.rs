@@ -48,7 +48,7 @@ impl WeightsArgs {
 }
 
 impl WeightsArgs {
-    fn config(&self) -> WeightsConfig {
+    pub(crate) fn config(&self) -> WeightsConfig {
         WeightsConfig {
             spec: self.model,
             cache_dir: self.cache_dir.clone(),
@@ -186,7 +186,7 @@ pub fn fetch_weights(args: FetchWeightsArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tokio")

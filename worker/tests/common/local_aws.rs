@@ -386,6 +386,11 @@ pub struct Worker {
 
 impl Worker {
     pub fn spawn(env: &[(String, String)], log: &Path) -> Worker {
+        Worker::spawn_command("serve", env, log)
+    }
+
+    /// `clip-worker <command>` with exactly `env` (which names `HTTP_PORT`), stderr to `log`.
+    pub fn spawn_command(command: &str, env: &[(String, String)], log: &Path) -> Worker {
         let http_port = env
             .iter()
             .find(|(k, _)| k == "HTTP_PORT")
@@ -393,14 +398,14 @@ impl Worker {
             .unwrap();
         let file = std::fs::File::create(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_clip-worker"))
-            .arg("serve")
+            .arg(command)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
-            .expect("spawn clip-worker serve");
+            .unwrap_or_else(|e| panic!("spawn clip-worker {command}: {e}"));
         Worker {
             child,
             http_port,
@@ -421,6 +426,30 @@ impl Worker {
         write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
         let mut buf = String::new();
         s.read_to_string(&mut buf).ok()?;
+        let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+        let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+        Some((status, head.to_ascii_lowercase(), body.to_string()))
+    }
+
+    /// `POST path` with a JSON body: (status, header block lower-cased, body).
+    pub fn post(&self, path: &str, body: &[u8]) -> Option<(u16, String, String)> {
+        let mut req = format!(
+            "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(body);
+        self.raw(&req)
+    }
+
+    /// Sends `request` as is on a new connection and reads the answer to its end.
+    pub fn raw(&self, request: &[u8]) -> Option<(u16, String, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        s.write_all(request).ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).ok()?;
+        let buf = String::from_utf8_lossy(&buf).into_owned();
         let status = buf.split_whitespace().nth(1)?.parse().ok()?;
         let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
         Some((status, head.to_ascii_lowercase(), body.to_string()))
