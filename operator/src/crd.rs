@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Queue","type":"integer","description":"visible messages","jsonPath":".status.queue.visible"}"#,
     printcolumn = r#"{"name":"In-Flight","type":"integer","priority":1,"jsonPath":".status.queue.inFlight"}"#,
     printcolumn = r#"{"name":"Engine","type":"string","priority":1,"jsonPath":".spec.scaling.engine"}"#,
+    printcolumn = r#"{"name":"Query","type":"string","priority":1,"description":"the query endpoint's address","jsonPath":".status.query.url"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -86,10 +87,76 @@ pub struct ClipProcessorSpec {
     /// stay. Reported by the `Suspended` condition (and as Suspended in Argo CD).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+    /// A query endpoint next to the workers: `clip-worker query` with the processor's model and
+    /// model cache, so search queries become vectors of the same model and weights (OpenAI's
+    /// POST /v1/embeddings, text and image inputs). A Deployment, a Service and a
+    /// PodDisruptionBudget, plus an HPA with minReplicas/maxReplicas; the address is in
+    /// status.query.url. It keeps serving while the processor is suspended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<QuerySpec>,
 }
 
 fn default_true() -> bool {
     true
+}
+
+/// The query endpoint (see docs/query.md).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.replicas) || (!has(self.minReplicas) && !has(self.maxReplicas))").message("query.replicas and query.minReplicas/maxReplicas are exclusive: a fixed count, or the HPA's bounds"))]
+#[x_kube(validation = Rule::new("!has(self.minReplicas) || has(self.maxReplicas)").message("query.minReplicas needs query.maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas").message("query.minReplicas must not be greater than query.maxReplicas"))]
+pub struct QuerySpec {
+    /// Deploy the endpoint (default true once query is set; false removes it).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// A fixed number of replicas (default 1 without maxReplicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: Option<i32>,
+    /// With maxReplicas: an HPA scales the endpoint on CPU between the two (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub min_replicas: Option<i32>,
+    /// The HPA's upper bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_replicas: Option<i32>,
+    /// The HPA's target average CPU utilisation, percent of the request.
+    #[serde(
+        default = "default_query_cpu_target",
+        rename = "targetCPUUtilizationPercentage"
+    )]
+    #[schemars(range(min = 10, max = 100))]
+    pub target_cpu_utilization_percentage: i32,
+    /// cpu (default: a query is a short forward pass) or gpu (one GPU per replica, on the
+    /// workers' GPU nodes; not counted in a class's GPU budget).
+    #[serde(default = "default_query_device")]
+    pub device: ComputeDevice,
+    /// Container resources. Default: 1 CPU / 2 GiB requested, 4 GiB limit (plus one
+    /// nvidia.com/gpu with device gpu).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Return L2-normalised vectors unless a request says otherwise (QUERY_NORMALIZE). Default:
+    /// the raw features, as the workers store them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<bool>,
+}
+
+fn default_query_cpu_target() -> i32 {
+    70
+}
+
+fn default_query_device() -> ComputeDevice {
+    ComputeDevice::Cpu
+}
+
+impl QuerySpec {
+    /// The HPA's bounds, when the endpoint autoscales.
+    pub fn autoscale(&self) -> Option<(i32, i32)> {
+        self.max_replicas
+            .map(|max| (self.min_replicas.unwrap_or(1).min(max), max))
+    }
 }
 
 /// Supported CLIP models.
@@ -535,6 +602,20 @@ pub struct ClipProcessorStatus {
     /// When the queue last had messages (the cooldown counts from here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_active_time: Option<Time>,
+    /// The query endpoint, with spec.query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<QueryStatus>,
+}
+
+/// The query endpoint's address and readiness.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryStatus {
+    /// The Service's in-cluster address, e.g. http://photos-query.media.svc:8080 (POST
+    /// /v1/embeddings).
+    pub url: String,
+    /// Replicas ready to answer.
+    pub ready_replicas: i32,
 }
 
 /// Worker replicas.

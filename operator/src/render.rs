@@ -110,6 +110,7 @@ pub fn render(yaml: &str, settings: &OperatorSettings) -> Result<String, String>
             node_pool,
             trigger_authentication,
             scaled_object,
+            query,
         } = build::children(&p);
         let mut emit = |yaml: Result<String, serde_yaml_ng::Error>| {
             out.push(yaml.map_err(|e| where_(e.to_string()))?);
@@ -144,6 +145,24 @@ pub fn render(yaml: &str, settings: &OperatorSettings) -> Result<String, String>
             emit(serde_yaml_ng::to_string(&x))?;
         }
         if let Some(x) = scaled_object {
+            emit(serde_yaml_ng::to_string(&x))?;
+        }
+        let build::QueryChildren {
+            deployment,
+            service,
+            pod_disruption_budget,
+            horizontal_pod_autoscaler,
+        } = query;
+        if let Some(x) = deployment {
+            emit(serde_yaml_ng::to_string(&x))?;
+        }
+        if let Some(x) = service {
+            emit(serde_yaml_ng::to_string(&x))?;
+        }
+        if let Some(x) = pod_disruption_budget {
+            emit(serde_yaml_ng::to_string(&x))?;
+        }
+        if let Some(x) = horizontal_pod_autoscaler {
             emit(serde_yaml_ng::to_string(&x))?;
         }
     }

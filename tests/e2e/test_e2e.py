@@ -238,3 +238,57 @@ def test_the_processor_reports_ready_and_scaled_to_zero(stack):
     assert conds["WorkersAvailable"]["reason"] == "ScaledToZero", conds["WorkersAvailable"]
     assert cp["status"]["observedGeneration"] == cp["metadata"]["generation"]
     assert math.isclose(cp["status"]["replicas"]["desired"], 0)
+
+
+def test_the_query_endpoint_runs_beside_the_workers_and_gives_the_stored_vectors(stack):
+    """spec.query on the running processor: the operator's Deployment becomes a Ready pod on the
+    workers' model cache, its Service selects it, status and `kubectl get -o wide` give the
+    address, and the vector it returns for a photo is the one a worker stored for that photo."""
+    import base64
+    import urllib.request
+
+    kube, mw = stack["kube"], stack["mw"]
+    query = {"replicas": 1, "resources": {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "3Gi"}}}
+    kube.run("patch", "clipprocessor", "-n", NS, NAME, "--type", "merge", "-p", json.dumps({"spec": {"query": query}}))
+    log("spec.query set; waiting for the query endpoint to be Ready")
+    started = time.time()
+
+    def ready():
+        cp = kube.json("get", "clipprocessor", "-n", NS, NAME)
+        q = cp.get("status", {}).get("query") or {}
+        return cp if q.get("readyReplicas") == 1 else None
+    cp = wait("status.query.readyReplicas == 1", 300, ready, every=2)
+    url = cp["status"]["query"]["url"]
+    assert url == f"http://{NAME}-query.{NS}.svc:8080"
+    wide = kube.run("get", "clipprocessor", "-n", NS, NAME, "-o", "wide").stdout
+    assert url in wide, wide
+    REPORT_DATA["phases"]["query_ready_seconds"] = round(time.time() - started, 1)
+    (pod,) = kube.json("get", "pods", "-n", NS, "-l",
+                       f"lakechain.dev/processor={NAME},app.kubernetes.io/component=query")["items"]
+    assert pod["spec"]["containers"][0]["args"] == ["query"]
+    ip = pod["status"]["podIP"]
+    slices = kube.json("get", "endpointslices", "-n", NS, "-l", f"kubernetes.io/service-name={NAME}-query")["items"]
+    assert ip in [a for s in slices for e in (s.get("endpoints") or []) for a in e["addresses"]], slices
+
+    # A photo the workers embedded: the endpoint gives its stored vector (same model, same
+    # weights from the same cache, same preprocessing; batch composition moves the last bits).
+    eid, event = next(iter(stack["sent"].items()))
+    doc_key = event["data"]["document"]["url"].split("/", 3)[3]
+    image = mw.s3.get_object(Bucket=mw.docs_bucket, Key=doc_key)["Body"].read()
+    stored = json.loads(mw.s3.get_object(
+        Bucket=mw.cache_bucket, Key=f"clip-image-processor/ViT-B-32/{event['data']['document']['etag']}")["Body"].read())
+    body = json.dumps({"model": "ViT-B/32", "input": [{"image": base64.b64encode(image).decode()}, "a photo"]}).encode()
+    req = urllib.request.Request(f"http://{ip}:8080/v1/embeddings", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        got = json.loads(r.read())
+    vec = got["data"][0]["embedding"]
+    assert got["model"] == "ViT-B/32" and len(vec) == 512 and len(got["data"][1]["embedding"]) == 512
+    assert all(abs(a - b) <= 1e-4 * (1 + abs(b)) for a, b in zip(vec, stored)), "the stored vector"
+
+    # Disabled: the endpoint's objects go, the workers stay.
+    kube.run("patch", "clipprocessor", "-n", NS, NAME, "--type", "merge", "-p",
+             json.dumps({"spec": {"query": {"enabled": False}}}))
+    wait("the query Deployment and Service to be removed", 120, lambda: not kube.json(
+        "get", "deployments,services", "-n", NS, "-l", "app.kubernetes.io/component=query")["items"])
+    assert kube.json("get", "deployment", "-n", NS, f"{NAME}-worker")

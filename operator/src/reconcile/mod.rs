@@ -23,9 +23,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    PersistentVolume, PersistentVolumeClaim, Service, ServiceAccount,
+};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -46,7 +51,7 @@ use crate::external::keda_trigger_authentication::TriggerAuthentication;
 use crate::metrics::{ConditionLabels, ErrorLabels, Metrics};
 use crate::scaler::runner::{self, Env, QueueDepths, Scalers, Seed};
 use crate::scaler::target::KubeTarget;
-use build::{Children, FIELD_MANAGER, names, selector};
+use build::{Children, FIELD_MANAGER, QueryChildren, names, selector};
 use status::{ApplyError, Child, Observed};
 use validate::{OperatorSettings, ValidatedProcessor};
 
@@ -112,6 +117,7 @@ type OwnStatus = (
     Option<i64>,
     Vec<Condition>,
     Option<crate::crd::ReplicaStatus>,
+    Option<crate::crd::QueryStatus>,
 );
 
 fn own(s: &ClipProcessorStatus) -> OwnStatus {
@@ -119,6 +125,7 @@ fn own(s: &ClipProcessorStatus) -> OwnStatus {
         s.observed_generation,
         s.conditions.clone(),
         s.replicas.clone(),
+        s.query.clone(),
     )
 }
 
@@ -358,11 +365,12 @@ pub(crate) fn error_policy(cp: Arc<ClipProcessor>, err: &Error, ctx: Arc<Context
 
 async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
     let mut previous = cp.status.clone().unwrap_or_default();
-    if let Some((generation, conditions, replicas)) = ctx.written().get(&uid(&cp)).cloned() {
+    if let Some((generation, conditions, replicas, query)) = ctx.written().get(&uid(&cp)).cloned() {
         // This reconcile may have started from a copy older than the last write.
         previous.observed_generation = generation;
         previous.conditions = conditions;
         previous.replicas = replicas;
+        previous.query = query;
     }
     let now = Time(Timestamp::now());
     let resolved = match validate::validate(&cp, &ctx.settings) {
@@ -485,6 +493,7 @@ async fn apply(cp: Arc<ClipProcessor>, ctx: &Context) -> Result<Action, Error> {
         observed_generation: p.generation,
         replicas: Some(status::replicas(&observed)),
         conditions: status::conditions(&p, &observed, &previous.conditions, &now),
+        query: status::query(&p, &observed),
         ..Default::default()
     };
     record_conditions(ctx, &p, &status.conditions);
@@ -624,6 +633,7 @@ async fn apply_children(
         node_pool,
         trigger_authentication,
         scaled_object,
+        query,
     } = c.clone();
     let client = &ctx.client;
     let ns = p.namespace.as_str();
@@ -716,6 +726,45 @@ async fn apply_children(
         }
         None => None,
     };
+    let QueryChildren {
+        deployment: query_deployment,
+        service: query_service,
+        pod_disruption_budget: query_pdb,
+        horizontal_pod_autoscaler: query_hpa,
+    } = query;
+    if let Some(svc) = query_service {
+        w.apply(Child::QueryService, svc, s.map(|s| &s.services), |svc| {
+            apply::apply_owned::<Service>(client, ns, svc, owner)
+        })
+        .await;
+    }
+    if let Some(hpa) = query_hpa {
+        w.apply(
+            Child::QueryHorizontalPodAutoscaler,
+            hpa,
+            s.map(|s| &s.horizontal_pod_autoscalers),
+            |hpa| apply::apply_owned::<HorizontalPodAutoscaler>(client, ns, hpa, owner),
+        )
+        .await;
+    }
+    o.query_deployment = match query_deployment {
+        Some(d) => {
+            w.apply(Child::QueryDeployment, d, s.map(|s| &s.deployments), |d| {
+                apply::apply_owned::<Deployment>(client, ns, d, owner)
+            })
+            .await
+        }
+        None => None,
+    };
+    if let Some(pdb) = query_pdb {
+        w.apply(
+            Child::QueryPodDisruptionBudget,
+            pdb,
+            s.map(|s| &s.pod_disruption_budgets),
+            |pdb| apply::apply_owned::<PodDisruptionBudget>(client, ns, pdb, owner),
+        )
+        .await;
+    }
     for e in &w.errors {
         count_refused(ctx, e.child);
     }
@@ -790,13 +839,14 @@ async fn delete_orphans(
     let Children {
         // Owned by the processor for its whole life: never an orphan.
         service_account: _,
-        deployment: _,
+        deployment,
         persistent_volume,
         persistent_volume_claim,
         cache_warm_job,
         node_pool,
         trigger_authentication,
         scaled_object,
+        query,
     } = c;
     let sel = selector(&p.name, &p.namespace);
     let client = ctx.client.clone();
@@ -875,6 +925,46 @@ async fn delete_orphans(
         &mut deleted,
     )
     .await?;
+    // The workers' Deployment lives as long as the processor; the query endpoint's only while
+    // spec.query asks for it.
+    let mut deployments = keep(deployment);
+    deployments.extend(keep(&query.deployment));
+    sweep(
+        Api::<Deployment>::namespaced(client.clone(), ns),
+        s.map(|s| &s.deployments),
+        p,
+        &sel,
+        deployments,
+        &mut deleted,
+    )
+    .await?;
+    sweep(
+        Api::<Service>::namespaced(client.clone(), ns),
+        s.map(|s| &s.services),
+        p,
+        &sel,
+        keep(&query.service),
+        &mut deleted,
+    )
+    .await?;
+    sweep(
+        Api::<PodDisruptionBudget>::namespaced(client.clone(), ns),
+        s.map(|s| &s.pod_disruption_budgets),
+        p,
+        &sel,
+        keep(&query.pod_disruption_budget),
+        &mut deleted,
+    )
+    .await?;
+    sweep(
+        Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), ns),
+        s.map(|s| &s.horizontal_pod_autoscalers),
+        p,
+        &sel,
+        keep(&query.horizontal_pod_autoscaler),
+        &mut deleted,
+    )
+    .await?;
     if !deleted.is_empty() {
         tracing::info!(processor = %format!("{ns}/{}", p.name), deleted = ?deleted, "removed children the spec no longer wants");
     }
@@ -897,6 +987,13 @@ fn wanted(c: &Children) -> Vec<String> {
         node_pool,
         trigger_authentication,
         scaled_object,
+        query:
+            QueryChildren {
+                deployment: query_deployment,
+                service,
+                pod_disruption_budget,
+                horizontal_pod_autoscaler,
+            },
     } = c;
     let mut out = Vec::new();
     one(&mut out, service_account);
@@ -907,6 +1004,10 @@ fn wanted(c: &Children) -> Vec<String> {
     one(&mut out, node_pool);
     one(&mut out, trigger_authentication);
     one(&mut out, scaled_object);
+    one(&mut out, query_deployment);
+    one(&mut out, service);
+    one(&mut out, pod_disruption_budget);
+    one(&mut out, horizontal_pod_autoscaler);
     out
 }
 

@@ -23,8 +23,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    PersistentVolume, PersistentVolumeClaim, Service, ServiceAccount,
+};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -61,6 +65,9 @@ pub struct Stores {
     pub node_pools: Store<NodePool>,
     pub trigger_authentications: Store<TriggerAuthentication>,
     pub scaled_objects: Store<ScaledObject>,
+    pub services: Store<Service>,
+    pub pod_disruption_budgets: Store<PodDisruptionBudget>,
+    pub horizontal_pod_autoscalers: Store<HorizontalPodAutoscaler>,
 }
 
 impl Stores {
@@ -113,6 +120,21 @@ impl Stores {
                 &mut one,
             ),
             scaled_objects: feed(
+                |w| watch(client, scope, config(), w, slim),
+                &triggers,
+                &mut one,
+            ),
+            services: feed(
+                |w| watch(client, scope, config(), w, slim),
+                &triggers,
+                &mut one,
+            ),
+            pod_disruption_budgets: feed(
+                |w| watch(client, scope, config(), w, slim),
+                &triggers,
+                &mut one,
+            ),
+            horizontal_pod_autoscalers: feed(
                 |w| watch(client, scope, config(), w, slim),
                 &triggers,
                 &mut one,

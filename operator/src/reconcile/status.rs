@@ -27,6 +27,8 @@ pub struct Observed {
     pub cache_job: Option<Job>,
     pub node_pool: Option<NodePool>,
     pub scaled_object: Option<ScaledObject>,
+    /// The query endpoint's Deployment, as applied.
+    pub query_deployment: Option<Deployment>,
     /// The builtin scaler's last queue read (`None` before the first).
     pub scaler: Option<QueueRead>,
     /// The builtin scaler's last write to `deployments/scale` failed.
@@ -46,6 +48,11 @@ pub enum Child {
     NodePool,
     TriggerAuthentication,
     ScaledObject,
+    /// The query endpoint's Deployment, Service, PodDisruptionBudget and HPA.
+    QueryDeployment,
+    QueryService,
+    QueryPodDisruptionBudget,
+    QueryHorizontalPodAutoscaler,
     /// The builtin scaler's write to `deployments/scale`.
     Scale,
     /// Deleting children the spec no longer wants.
@@ -65,6 +72,10 @@ impl Child {
             Child::NodePool => "NodePool",
             Child::TriggerAuthentication => "TriggerAuthentication",
             Child::ScaledObject => "ScaledObject",
+            Child::QueryDeployment => "QueryDeployment",
+            Child::QueryService => "Service",
+            Child::QueryPodDisruptionBudget => "PodDisruptionBudget",
+            Child::QueryHorizontalPodAutoscaler => "HorizontalPodAutoscaler",
             Child::Scale => "Scale",
             Child::OrphanSweep => "OrphanSweep",
             Child::Status => "Status",
@@ -78,12 +89,29 @@ impl Child {
             Child::NodePool => "NodePool (is Karpenter installed?)",
             Child::TriggerAuthentication => "TriggerAuthentication (is KEDA installed?)",
             Child::ScaledObject => "ScaledObject (is KEDA installed?)",
+            Child::QueryDeployment => "query Deployment",
+            Child::QueryService => "query Service",
+            Child::QueryPodDisruptionBudget => "query PodDisruptionBudget",
+            Child::QueryHorizontalPodAutoscaler => "query HorizontalPodAutoscaler",
             Child::Scale => "scaling the workers",
             Child::OrphanSweep => "removing children the spec no longer wants",
             Child::Status => "writing status",
             other => other.label(),
         }
     }
+}
+
+/// The query endpoint's address and ready replicas, with spec.query.
+pub fn query(p: &ValidatedProcessor, o: &Observed) -> Option<crate::crd::QueryStatus> {
+    p.spec.query.as_ref().filter(|q| q.enabled)?;
+    Some(crate::crd::QueryStatus {
+        url: super::build::query_url(p),
+        ready_replicas: o
+            .query_deployment
+            .as_ref()
+            .and_then(|d| d.status.as_ref()?.ready_replicas)
+            .unwrap_or(0),
+    })
 }
 
 /// A child the API server refused: which, and its error.

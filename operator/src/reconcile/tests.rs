@@ -274,7 +274,7 @@ async fn the_orphan_sweep_runs_when_the_wanted_children_change_not_on_every_tick
     let (fake, ctx) = setup(json!({}));
     converge(&fake, &ctx).await;
     let swept = sweep_lists(&fake);
-    assert_eq!(swept, 6, "the first full reconcile sweeps each kind once");
+    assert_eq!(swept, 10, "the first full reconcile sweeps each kind once");
     for _ in 0..3 {
         reconcile(current(&fake), ctx.clone()).await.unwrap();
     }
@@ -721,4 +721,48 @@ async fn suspend_with_keda_pauses_the_scaled_object_at_zero() {
     reconcile(current(&fake), ctx.clone()).await.unwrap();
     assert_eq!(paused(&fake), "0");
     assert_eq!(condition(&fake, "Suspended")["status"], "True");
+}
+
+#[tokio::test]
+async fn the_query_endpoint_comes_and_goes_with_spec_query() {
+    const QUERY: &str = "/apis/apps/v1/namespaces/media/deployments/photos-query";
+    const SVC: &str = "/api/v1/namespaces/media/services/photos-query";
+    const PDB: &str = "/apis/policy/v1/namespaces/media/poddisruptionbudgets/photos-query";
+    const HPA: &str = "/apis/autoscaling/v2/namespaces/media/horizontalpodautoscalers/photos-query";
+    let (fake, ctx) = setup(json!({}));
+    converge(&fake, &ctx).await;
+    assert!(!exists(&fake, "photos-query"));
+    assert_eq!(fake.get(CP).unwrap()["status"]["query"], Value::Null);
+
+    set_spec(&fake, 2, |s| {
+        s["query"] = json!({"minReplicas": 1, "maxReplicas": 3})
+    });
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    for path in [QUERY, SVC, PDB, HPA] {
+        assert!(fake.get(path).is_some(), "{path} applied");
+    }
+    let d = fake.get(QUERY).unwrap();
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["args"],
+        json!(["query"])
+    );
+    assert_eq!(d["metadata"]["ownerReferences"][0]["uid"], "cp-uid");
+    assert_eq!(
+        fake.get(CP).unwrap()["status"]["query"],
+        json!({"url": "http://photos-query.media.svc:8080", "readyReplicas": 0})
+    );
+    assert!(fake.get(DEPLOYMENT).is_some(), "the workers stay");
+
+    // A fixed count: the HPA goes; disabled: everything goes, the workers stay.
+    set_spec(&fake, 3, |s| s["query"] = json!({"replicas": 2}));
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(fake.get(HPA).is_none(), "HPA removed");
+    assert_eq!(fake.get(QUERY).unwrap()["spec"]["replicas"], 2);
+    set_spec(&fake, 4, |s| s["query"] = json!({"enabled": false}));
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    for path in [QUERY, SVC, PDB] {
+        assert!(fake.get(path).is_none(), "{path} removed");
+    }
+    assert!(fake.get(DEPLOYMENT).is_some(), "the workers stay");
+    assert_eq!(fake.get(CP).unwrap()["status"]["query"], Value::Null);
 }

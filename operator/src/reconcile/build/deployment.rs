@@ -110,7 +110,7 @@ pub fn resources(p: &ValidatedProcessor) -> ResourceRequirements {
     r
 }
 
-fn probe(path: &str, period: i32, failures: i32) -> Probe {
+pub(super) fn probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),

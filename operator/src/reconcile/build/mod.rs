@@ -5,6 +5,7 @@ mod cache;
 mod deployment;
 pub mod keda;
 mod nodepool;
+mod query;
 
 use std::collections::BTreeMap;
 
@@ -17,6 +18,7 @@ pub use cache::{cache_warm_job, persistent_volume, persistent_volume_claim};
 pub use deployment::{deployment, resources as worker_resources};
 pub use keda::{scaled_object, trigger_authentication};
 pub use nodepool::{class_node_pool, instance_shape, node_pool};
+pub use query::{QueryChildren, query_children, url as query_url};
 
 use super::validate::{CacheMode, ValidatedProcessor};
 use crate::crd::{Provisioner, ScalingEngine};
@@ -45,6 +47,8 @@ pub struct Children {
     pub node_pool: Option<NodePool>,
     pub trigger_authentication: Option<TriggerAuthentication>,
     pub scaled_object: Option<ScaledObject>,
+    /// The query endpoint (`spec.query`).
+    pub query: QueryChildren,
 }
 
 /// Builds every child for `p`.
@@ -64,6 +68,7 @@ pub fn children(p: &ValidatedProcessor) -> Children {
         }),
         trigger_authentication: keda.then(|| trigger_authentication(p)),
         scaled_object: keda.then(|| scaled_object(p)),
+        query: query_children(p),
     }
 }
 
@@ -73,6 +78,10 @@ pub mod names {
 
     pub fn worker(p: &ValidatedProcessor) -> String {
         format!("{}-worker", p.name)
+    }
+    /// The query endpoint's Deployment, Service, PodDisruptionBudget and HPA.
+    pub fn query(p: &ValidatedProcessor) -> String {
+        format!("{}-query", p.name)
     }
     /// The operator's claim on the EFS cache. It and the volume carry 8 hex digits of the EFS
     /// volume handle: a volume's source and a claim's `volumeName` are immutable, so a new file
