@@ -45,7 +45,8 @@ def embeddings(r: Req):
     texts = [r.input] if isinstance(r.input, str) else r.input
     batch = tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
     with torch.inference_mode():
-        f = model.get_text_features(**batch)
+        # transformers 5: the projected features are the output's pooler_output.
+        f = model.get_text_features(**batch).pooler_output
     return {"object": "list", "model": r.model,
             "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(f.tolist())]}
 
