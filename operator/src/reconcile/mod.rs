@@ -858,15 +858,21 @@ async fn delete_orphans(
         p: &ValidatedProcessor,
         sel: &str,
         keep: Vec<String>,
+        only: Option<&str>,
         deleted: &mut Vec<String>,
     ) -> Result<(), kube::Error>
     where
         K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
     {
-        let found = match cache {
+        let mut found = match cache {
             Some(store) => observe::labelled(store, &p.namespace, &p.name),
             None => apply::list_labelled(&api, sel).await?,
         };
+        // Kinds others make for the processor too (KEDA's HPA carries the ScaledObject's
+        // labels): only the one name this operator gives them is ever swept.
+        if let Some(name) = only {
+            found.retain(|f| f == name);
+        }
         deleted.extend(apply::delete_orphans(&api, found, &keep).await?);
         Ok(())
     }
@@ -877,6 +883,7 @@ async fn delete_orphans(
         p,
         &sel,
         keep(cache_warm_job),
+        None,
         &mut deleted,
     )
     .await?;
@@ -886,6 +893,7 @@ async fn delete_orphans(
         p,
         &sel,
         keep(persistent_volume_claim),
+        None,
         &mut deleted,
     )
     .await?;
@@ -895,6 +903,7 @@ async fn delete_orphans(
         p,
         &sel,
         keep(persistent_volume),
+        None,
         &mut deleted,
     )
     .await?;
@@ -904,6 +913,7 @@ async fn delete_orphans(
         p,
         &sel,
         keep(node_pool),
+        None,
         &mut deleted,
     )
     .await?;
@@ -913,6 +923,7 @@ async fn delete_orphans(
         p,
         &sel,
         keep(scaled_object),
+        None,
         &mut deleted,
     )
     .await?;
@@ -922,11 +933,14 @@ async fn delete_orphans(
         p,
         &sel,
         keep(trigger_authentication),
+        None,
         &mut deleted,
     )
     .await?;
     // The workers' Deployment lives as long as the processor; the query endpoint's only while
     // spec.query asks for it.
+    let query_name = names::query(p);
+    let only = Some(query_name.as_str());
     let mut deployments = keep(deployment);
     deployments.extend(keep(&query.deployment));
     sweep(
@@ -935,6 +949,7 @@ async fn delete_orphans(
         p,
         &sel,
         deployments,
+        only,
         &mut deleted,
     )
     .await?;
@@ -944,6 +959,7 @@ async fn delete_orphans(
         p,
         &sel,
         keep(&query.service),
+        only,
         &mut deleted,
     )
     .await?;
@@ -953,6 +969,7 @@ async fn delete_orphans(
         p,
         &sel,
         keep(&query.pod_disruption_budget),
+        only,
         &mut deleted,
     )
     .await?;
@@ -962,6 +979,7 @@ async fn delete_orphans(
         p,
         &sel,
         keep(&query.horizontal_pod_autoscaler),
+        only,
         &mut deleted,
     )
     .await?;

@@ -766,3 +766,27 @@ async fn the_query_endpoint_comes_and_goes_with_spec_query() {
     assert!(fake.get(DEPLOYMENT).is_some(), "the workers stay");
     assert_eq!(fake.get(CP).unwrap()["status"]["query"], Value::Null);
 }
+
+#[tokio::test]
+async fn the_sweep_leaves_kedas_hpa_alone() {
+    // KEDA copies the ScaledObject's labels, ours included, onto the HPA it makes.
+    const KEDA_HPA: &str =
+        "/apis/autoscaling/v2/namespaces/media/horizontalpodautoscalers/keda-hpa-photos";
+    let (fake, ctx) = setup(json!({}));
+    fake.insert(
+        KEDA_HPA,
+        json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+               "metadata": {"name": "keda-hpa-photos", "namespace": "media", "labels": {
+                   "lakechain.dev/processor": "photos", "lakechain.dev/processor-namespace": "media",
+                   "app.kubernetes.io/managed-by": "clip-operator"}},
+               "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "photos-worker"}, "maxReplicas": 5}}),
+    );
+    converge(&fake, &ctx).await;
+    set_spec(&fake, 2, |s| s["scaling"]["maxInstances"] = json!(4));
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(
+        fake.get(KEDA_HPA).is_some(),
+        "KEDA's HPA is not ours to sweep"
+    );
+    assert!(fake.get(DEPLOYMENT).is_some());
+}
