@@ -124,18 +124,9 @@ pub(super) fn probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-/// The worker Deployment (without `replicas`).
-pub fn deployment(p: &ValidatedProcessor) -> Deployment {
-    let name = names::worker(p);
-    let selector = BTreeMap::from([
-        (LABEL_PROCESSOR.to_string(), p.name.clone()),
-        (LABEL_NAMESPACE.to_string(), p.namespace.clone()),
-        (
-            "app.kubernetes.io/component".to_string(),
-            "worker".to_string(),
-        ),
-    ]);
-    let cache_volume = match names::mounted_claim(p) {
+/// The model cache at /cache: the mounted claim, else an emptyDir (the worker downloads).
+pub(super) fn cache_volume(p: &ValidatedProcessor) -> Volume {
+    match names::mounted_claim(p) {
         Some(claim) => Volume {
             name: "cache".into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
@@ -152,7 +143,21 @@ pub fn deployment(p: &ValidatedProcessor) -> Deployment {
             }),
             ..Default::default()
         },
-    };
+    }
+}
+
+/// The worker Deployment (without `replicas`).
+pub fn deployment(p: &ValidatedProcessor) -> Deployment {
+    let name = names::worker(p);
+    let selector = BTreeMap::from([
+        (LABEL_PROCESSOR.to_string(), p.name.clone()),
+        (LABEL_NAMESPACE.to_string(), p.namespace.clone()),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "worker".to_string(),
+        ),
+    ]);
+    let cache_volume = cache_volume(p);
     let mut tolerations = Vec::new();
     if p.device == ComputeDevice::Gpu {
         tolerations.push(Toleration {

@@ -11,16 +11,15 @@ use k8s_openapi::api::autoscaling::v2::{
     MetricTarget, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaimVolumeSource,
-    PodSpec, PodTemplateSpec, ResourceRequirements, Service, ServicePort, ServiceSpec, Toleration,
-    Volume, VolumeMount,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, PodSpec, PodTemplateSpec,
+    ResourceRequirements, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::deployment::probe;
+use super::deployment::{cache_volume, probe};
 use super::{
     LABEL_NAMESPACE, LABEL_PROCESSOR, container_security, labels, meta, names, pod_security,
 };
@@ -135,24 +134,7 @@ fn resources(q: &QuerySpec) -> ResourceRequirements {
 
 fn query_deployment(p: &ValidatedProcessor, q: &QuerySpec) -> Deployment {
     let name = names::query(p);
-    let cache_volume = match names::mounted_claim(p) {
-        Some(claim) => Volume {
-            name: "cache".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: claim,
-                read_only: Some(false),
-            }),
-            ..Default::default()
-        },
-        None => Volume {
-            name: "cache".into(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                size_limit: Some(Quantity("20Gi".into())),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    };
+    let cache_volume = cache_volume(p);
     let (mut node_selector, mut tolerations) = (BTreeMap::new(), Vec::<Toleration>::new());
     if q.device == ComputeDevice::Gpu {
         tolerations.push(Toleration {
