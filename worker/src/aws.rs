@@ -14,6 +14,7 @@ use aws_sdk_sqs::types::{
 };
 
 use crate::event::S3Location;
+use crate::service::ledger::Received;
 
 /// How a failed call should be treated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -202,7 +203,7 @@ impl Aws {
         max: i32,
         wait: i32,
         visibility: i32,
-    ) -> Result<Vec<Message>, Failure> {
+    ) -> Result<Vec<Received>, Failure> {
         let out = self
             .sqs
             .receive_message()
@@ -215,7 +216,12 @@ impl Aws {
             .send()
             .await
             .map_err(|e| classify("ReceiveMessage", e))?;
-        Ok(out.messages.unwrap_or_default())
+        Ok(out
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .map(received)
+            .collect())
     }
 
     pub async fn delete(&self, queue: &str, receipt: &str) -> Result<(), Failure> {
@@ -351,4 +357,20 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     s[..end].to_string()
+}
+
+/// The SDK's message as the ledger's domain type.
+fn received(m: Message) -> Received {
+    let attr = |a: MessageSystemAttributeName| m.attributes.as_ref().and_then(|x| x.get(&a));
+    let receive_count = attr(MessageSystemAttributeName::ApproximateReceiveCount)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let sent_ms = attr(MessageSystemAttributeName::SentTimestamp).and_then(|v| v.parse().ok());
+    Received {
+        receipt: m.receipt_handle.unwrap_or_default(),
+        message_id: m.message_id.unwrap_or_default(),
+        body: m.body.unwrap_or_default(),
+        receive_count,
+        sent_ms,
+    }
 }

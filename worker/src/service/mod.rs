@@ -7,6 +7,7 @@
 
 pub mod batcher;
 pub mod http;
+pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
 
