@@ -100,6 +100,7 @@ impl Engine {
         tracing::info!(
             weights = %cfg.weights.display(),
             placement = %cfg.placement.describe(),
+            cpu = %crate::model::cpu_description(),
             seconds = started.elapsed().as_secs_f32(),
             "model loaded"
         );

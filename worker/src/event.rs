@@ -202,19 +202,50 @@ fn from_s3_record(r: &Value) -> Result<CloudEvent, EventError> {
         .get("eventTime")
         .cloned()
         .unwrap_or_else(|| json!(now_rfc3339()));
+    let (id, chain_id) = s3_record_ids(r, name, bucket, &key);
     Ok(CloudEvent(json!({
         "specversion": "1.0",
-        "id": uuid::Uuid::new_v4().to_string(),
+        "id": id,
         "type": kind,
         "time": time,
         "data": {
-            "chainId": uuid::Uuid::new_v4().to_string(),
+            "chainId": chain_id,
             "source": document.clone(),
             "document": document,
             "metadata": {},
             "callStack": [],
         }
     })))
+}
+
+/// The namespace of the name-based (version 5) UUIDs given to events made from S3 notifications.
+const S3_EVENT_NAMESPACE: uuid::Uuid = uuid::uuid!("5d0b6c1e-9a52-4f43-8c1f-0f6f2a7d3e11");
+
+/// The event `id` and `chainId` of an S3 notification record: UUIDv5s of what identifies the
+/// change (event name, bucket, key, version id, ETag and S3's per-key `sequencer`), so a
+/// notification S3 or SQS delivers twice becomes the same event twice and downstream
+/// de-duplication on `id` works. Two different writes of one key differ in their sequencer (and
+/// usually their ETag), so they stay two events.
+fn s3_record_ids(r: &Value, name: &str, bucket: &str, key: &str) -> (String, String) {
+    let field = |p: &str| r.pointer(p).and_then(Value::as_str).unwrap_or_default();
+    // NUL cannot occur in any of these fields, so the joined name is unambiguous.
+    let identity = [
+        name,
+        bucket,
+        key,
+        field("/s3/object/versionId"),
+        field("/s3/object/eTag"),
+        field("/s3/object/sequencer"),
+    ]
+    .join("\0");
+    let derive = |what: &str| {
+        uuid::Uuid::new_v5(
+            &S3_EVENT_NAMESPACE,
+            format!("{what}\0{identity}").as_bytes(),
+        )
+        .to_string()
+    };
+    (derive("id"), derive("chainId"))
 }
 
 /// Percent-encodes each `/`-separated segment of a key, as Lakechain does in document URLs.
@@ -392,6 +423,37 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_redelivered_s3_notification_is_the_same_event() {
+        let record = |name: &str, etag: &str, sequencer: &str| {
+            json!({"Records": [{
+                "eventName": name, "eventTime": "2026-01-02T03:04:05.000Z",
+                "s3": {"bucket": {"name": "photos"}, "object": {"key": "a.png", "eTag": etag, "sequencer": sequencer}}
+            }]})
+            .to_string()
+        };
+        let first = parse_body(&record("ObjectCreated:Put", "e1", "0A")).unwrap();
+        let again = parse_body(&record("ObjectCreated:Put", "e1", "0A")).unwrap();
+        assert_eq!(
+            first, again,
+            "the same notification twice is the same event"
+        );
+        let id = first[0].0["id"].as_str().unwrap();
+        let chain = first[0].0["data"]["chainId"].as_str().unwrap();
+        assert_ne!(id, chain);
+        assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 5);
+        // Another write of the key, or its deletion, is another event.
+        for other in [
+            record("ObjectCreated:Put", "e2", "0B"),
+            record("ObjectCreated:Put", "e1", "0B"),
+            record("ObjectRemoved:Delete", "e1", "0A"),
+        ] {
+            let ev = parse_body(&other).unwrap();
+            assert_ne!(ev[0].0["id"], first[0].0["id"], "{other}");
+            assert_ne!(ev[0].0["data"]["chainId"], first[0].0["data"]["chainId"]);
+        }
     }
 
     #[test]

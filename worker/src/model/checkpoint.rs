@@ -104,6 +104,11 @@ impl TensorReader<'_> {
         self.placement.gemm
     }
 
+    /// Hands out the next layers' weights for `gemm` instead.
+    pub fn set_gemm(&mut self, gemm: Gemm) {
+        self.placement.gemm = gemm
+    }
+
     /// Whether the checkpoint has a tensor called `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.st.tensor(name).is_ok()

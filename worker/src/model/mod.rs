@@ -99,7 +99,10 @@ pub enum Gemm {
     /// oneDNN's inner product, with the weights converted to oneDNN's layout once at load: fp32
     /// on the CPU. MKL's sgemm in the PyTorch wheels runs at about 200 GFLOP/s on the 2-core
     /// AVX-512 AMD machine CI uses where oneDNN reaches about 450, for the same fp32 results up
-    /// to rounding (BENCHMARKS.md).
+    /// to rounding (BENCHMARKS.md). The vision tower only: the text tower's products have a few
+    /// to a few hundred rows, where converting the activations in and out of oneDNN's layout
+    /// around every product costs more than oneDNN saves, and libtorch's linear answers a text
+    /// query about 10% sooner (BENCHMARKS.md, query endpoint).
     OneDnn,
 }
 
@@ -115,14 +118,75 @@ impl Gemm {
     }
 }
 
+/// What the machine offers that the placement depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Host {
+    /// CUDA devices libtorch sees.
+    pub cuda_devices: usize,
+    /// Whether the CPU computes bf16 natively ([`cpu_native_bf16`]).
+    pub cpu_bf16: bool,
+}
+
+impl Host {
+    /// A machine without GPUs whose CPU computes bf16 natively (what the tests resolve against).
+    pub const CPU: Host = Host {
+        cuda_devices: 0,
+        cpu_bf16: true,
+    };
+}
+
+/// Whether this CPU has bf16 instructions: AVX-512 BF16 on x86-64 (every CPU with AMX has it
+/// too: Intel Sapphire Rapids and later, AMD Zen 4 and later), BF16 on Arm. Without them oneDNN
+/// emulates bf16 in fp32 and a bf16 forward runs 3-7x slower than fp32 (BENCHMARKS.md).
+pub fn cpu_native_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("bf16")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// The CPU's model name and the bf16-related instruction sets it has, for logs and benchmarks
+/// (e.g. `Intel(R) Xeon(R) Platinum 8488C (avx2 avx512f avx512_bf16 amx_bf16)`).
+pub fn cpu_description() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let model = field("model name");
+    let flags = field("flags");
+    let isa: Vec<&str> = flags
+        .split_whitespace()
+        .filter(|f| ["avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"].contains(f))
+        .collect();
+    let model = if model.is_empty() {
+        std::env::consts::ARCH.to_string()
+    } else {
+        model
+    };
+    format!("{model} ({})", isa.join(" "))
+}
+
 impl Placement {
-    /// Resolves the user's choices against what the machine has. Pure, so the GPU rules are
-    /// tested on machines without one.
+    /// Resolves the user's choices against what the machine has. Pure, so the GPU and CPU rules
+    /// are tested on any machine.
     pub fn resolve(
         device: DeviceChoice,
         precision: PrecisionChoice,
-        cuda_devices: usize,
+        host: Host,
     ) -> Result<Self, ModelError> {
+        let cuda_devices = host.cuda_devices;
         let device = match device {
             DeviceChoice::Cpu => Device::Cpu,
             DeviceChoice::Auto if cuda_devices == 0 => Device::Cpu,
@@ -146,6 +210,15 @@ impl Placement {
                 "fp16 is only supported on CUDA; use fp32 or bf16 on the CPU".into(),
             ));
         }
+        if kind == Kind::BFloat16 && device == Device::Cpu && !host.cpu_bf16 {
+            return Err(ModelError::Device(
+                "bf16 was requested on a CPU without bf16 instructions (no AVX-512 BF16 or AMX): \
+                 libtorch would emulate it at 3-7x the time of fp32; use fp32 (the CPU default), \
+                 or run on a CPU with native bf16 (Intel Sapphire Rapids or later, AMD Zen 4 or \
+                 later)"
+                    .into(),
+            ));
+        }
         Ok(Placement {
             device,
             kind,
@@ -155,12 +228,22 @@ impl Placement {
 
     /// Resolves against this machine.
     pub fn detect(device: DeviceChoice, precision: PrecisionChoice) -> Result<Self, ModelError> {
-        let cuda = if device == DeviceChoice::Cpu {
+        let cuda_devices = if device == DeviceChoice::Cpu {
             0
         } else {
             tch::Cuda::device_count().max(0) as usize
         };
-        Self::resolve(device, precision, cuda)
+        let host = Host {
+            cuda_devices,
+            cpu_bf16: cpu_native_bf16(),
+        };
+        Self::resolve(device, precision, host).map_err(|e| match e {
+            // The bf16 refusal names the CPU it was made for.
+            ModelError::Device(msg) if precision == PrecisionChoice::Bf16 && !host.cpu_bf16 => {
+                ModelError::Device(format!("{msg} [this CPU: {}]", cpu_description()))
+            }
+            e => e,
+        })
     }
 
     /// Short human form, e.g. `cuda:0 fp16` or `cpu fp32 onednn`.
@@ -201,9 +284,11 @@ impl ClipModel {
     pub fn load(dir: &Path, placement: Placement, towers: Towers) -> Result<Self, ModelError> {
         let config = ClipConfig::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::open(&dir.join("model.safetensors"))?;
-        let r = ckpt.reader(placement)?;
+        let mut r = ckpt.reader(placement)?;
         let _guard = tch::no_grad_guard();
         let vision = VisionTower::load(&r, &config.vision, config.projection_dim)?;
+        // The text tower keeps libtorch's linear (see `Gemm::OneDnn`).
+        r.set_gemm(Gemm::Libtorch);
         let text = match towers {
             Towers::Both => Some(TextTower::load(&r, &config.text, config.projection_dim)?),
             Towers::VisionOnly => None,
@@ -282,9 +367,49 @@ fn guarded<F: FnOnce() -> Tensor>(f: F) -> Result<Tensor, ModelError> {
 mod tests {
     use super::*;
 
+    fn gpus(n: usize) -> Host {
+        Host {
+            cuda_devices: n,
+            cpu_bf16: false,
+        }
+    }
+
+    #[test]
+    fn bf16_is_refused_on_a_cpu_that_would_emulate_it() {
+        let no_bf16 = Host {
+            cuda_devices: 0,
+            cpu_bf16: false,
+        };
+        let e = Placement::resolve(DeviceChoice::Auto, PrecisionChoice::Bf16, no_bf16)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CPU without bf16 instructions"), "{e}");
+        assert!(e.contains("use fp32"), "{e}");
+        // fp32 there is fine, bf16 on a GPU does not depend on the CPU, and a CPU with bf16
+        // instructions gets bf16.
+        let p = Placement::resolve(DeviceChoice::Auto, PrecisionChoice::Auto, no_bf16).unwrap();
+        assert_eq!(p.kind, Kind::Float);
+        let p = Placement::resolve(DeviceChoice::Auto, PrecisionChoice::Bf16, gpus(1)).unwrap();
+        assert_eq!((p.device, p.kind), (Device::Cuda(0), Kind::BFloat16));
+        let p = Placement::resolve(DeviceChoice::Cpu, PrecisionChoice::Bf16, Host::CPU).unwrap();
+        assert_eq!((p.device, p.kind), (Device::Cpu, Kind::BFloat16));
+    }
+
+    #[test]
+    fn the_cpu_description_names_the_model_and_its_isa() {
+        let d = cpu_description();
+        assert!(d.ends_with(')') && d.contains(" ("), "{d}");
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            d.contains("avx512_bf16"),
+            cpu_native_bf16(),
+            "/proc/cpuinfo and the CPUID check disagree: {d}"
+        );
+    }
+
     #[test]
     fn auto_picks_fp16_cuda_when_a_gpu_is_present() {
-        let p = Placement::resolve(DeviceChoice::Auto, PrecisionChoice::Auto, 1).unwrap();
+        let p = Placement::resolve(DeviceChoice::Auto, PrecisionChoice::Auto, gpus(1)).unwrap();
         assert_eq!(
             p,
             Placement {
@@ -294,13 +419,13 @@ mod tests {
             }
         );
         assert_eq!(p.describe(), "cuda:0 fp16");
-        let p = Placement::resolve(DeviceChoice::Auto, PrecisionChoice::Bf16, 2).unwrap();
+        let p = Placement::resolve(DeviceChoice::Auto, PrecisionChoice::Bf16, gpus(2)).unwrap();
         assert_eq!(p.kind, Kind::BFloat16);
     }
 
     #[test]
     fn auto_falls_back_to_fp32_cpu() {
-        let p = Placement::resolve(DeviceChoice::Auto, PrecisionChoice::Auto, 0).unwrap();
+        let p = Placement::resolve(DeviceChoice::Auto, PrecisionChoice::Auto, Host::CPU).unwrap();
         assert_eq!(
             p,
             Placement {
@@ -310,17 +435,19 @@ mod tests {
             }
         );
         assert_eq!(p.describe(), "cpu fp32 onednn");
-        let p = Placement::resolve(DeviceChoice::Cpu, PrecisionChoice::Bf16, 0).unwrap();
+        let p = Placement::resolve(DeviceChoice::Cpu, PrecisionChoice::Bf16, Host::CPU).unwrap();
         assert_eq!(p.gemm, Gemm::Libtorch);
-        let p = Placement::resolve(DeviceChoice::Cpu, PrecisionChoice::Auto, 4).unwrap();
+        let p = Placement::resolve(DeviceChoice::Cpu, PrecisionChoice::Auto, gpus(4)).unwrap();
         assert_eq!(p.device, Device::Cpu);
     }
 
     #[test]
     fn impossible_requests_are_clear_errors() {
-        let e = Placement::resolve(DeviceChoice::Cuda, PrecisionChoice::Auto, 0).unwrap_err();
+        let e =
+            Placement::resolve(DeviceChoice::Cuda, PrecisionChoice::Auto, Host::CPU).unwrap_err();
         assert!(e.to_string().contains("no CUDA device"), "{e}");
-        let e = Placement::resolve(DeviceChoice::Cpu, PrecisionChoice::Fp16, 0).unwrap_err();
+        let e =
+            Placement::resolve(DeviceChoice::Cpu, PrecisionChoice::Fp16, Host::CPU).unwrap_err();
         assert!(
             e.to_string().contains("fp16 is only supported on CUDA"),
             "{e}"
