@@ -32,9 +32,10 @@ pub struct QueryArgs {
     /// Inputs per forward pass (the inputs of concurrent requests are batched together).
     #[arg(long, env = env::BATCH_SIZE, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=4096))]
     pub batch_size: u16,
-    /// Longest wait for a batch to fill after its first input, milliseconds (latency added to a
-    /// lone query at most).
-    #[arg(long, env = env::BATCH_WAIT_MS, default_value_t = 2)]
+    /// Extra wait for a batch to fill once the model is free, milliseconds. A batch leaves as
+    /// soon as the model is free with every input queued by then, so 0 (no lone query ever waits
+    /// for companions) is right unless requests arrive in bursts spread over a few milliseconds.
+    #[arg(long, env = env::BATCH_WAIT_MS, default_value_t = 0)]
     pub batch_wait_ms: u64,
     /// Decode threads for image inputs (default: one per core).
     #[arg(long, env = env::DECODE_THREADS)]

@@ -42,7 +42,8 @@ pub struct QueryConfig {
     pub http_port: u16,
     /// Inputs per forward pass.
     pub batch_size: usize,
-    /// Longest wait for a batch to fill after its first input.
+    /// Extra wait for a batch to fill once the model is free (see
+    /// [`crate::service::batcher::run_when_free`]).
     pub batch_wait: Duration,
     /// Inputs accepted and not yet answered, over all requests; also the most requests in
     /// progress at once.
@@ -231,7 +232,9 @@ pub async fn serve(cfg: QueryConfig, model: ModelSettings) -> anyhow::Result<()>
         "serving /v1/embeddings, /v1/models, /healthz, /readyz, /metrics"
     );
     let (items_tx, items_rx) = mpsc::channel::<Item>(cfg.max_queue);
-    let (batch_tx, batch_rx) = mpsc::channel::<Vec<Item>>(2);
+    let (batch_tx, batch_rx) = mpsc::channel::<Vec<Item>>(1);
+    // The inference thread gives this permit back after each batch (continuous batching).
+    let model_free = Arc::new(Semaphore::new(1));
     let shared = Arc::new(Shared {
         metrics: Arc::new(QueryMetrics::new(cfg.max_queue)),
         loaded: OnceLock::new(),
@@ -273,6 +276,7 @@ pub async fn serve(cfg: QueryConfig, model: ModelSettings) -> anyhow::Result<()>
     let (loaded_tx, loaded_rx) = oneshot::channel();
     // Not `shared`: it holds the inputs' sender, whose end is what stops this thread.
     let (metrics, alive) = (shared.metrics.clone(), shared.inference_alive.clone());
+    let free = model_free.clone();
     let torch_threads = model.torch_threads;
     let inference = std::thread::Builder::new()
         .name("inference".into())
@@ -293,13 +297,14 @@ pub async fn serve(cfg: QueryConfig, model: ModelSettings) -> anyhow::Result<()>
                 engine.dimensions(),
             )));
             alive.store(true, Ordering::Relaxed);
-            inference_loop(&engine, &metrics, batch_rx);
+            inference_loop(&engine, &metrics, batch_rx, &free);
             alive.store(false, Ordering::Relaxed);
         })?;
-    tokio::spawn(crate::service::batcher::run(
+    tokio::spawn(crate::service::batcher::run_when_free(
         items_rx,
         cfg.batch_size,
         cfg.batch_wait,
+        model_free,
         batch_tx,
         |_| {},
     ));
@@ -344,41 +349,51 @@ pub async fn serve(cfg: QueryConfig, model: ModelSettings) -> anyhow::Result<()>
 }
 
 /// Runs the model on batches of inputs: the texts of a batch in one forward pass, its images in
-/// another.
-fn inference_loop(engine: &Engine, metrics: &QueryMetrics, mut batches: mpsc::Receiver<Vec<Item>>) {
+/// another; gives `free` a permit back after each batch.
+fn inference_loop(
+    engine: &Engine,
+    metrics: &QueryMetrics,
+    mut batches: mpsc::Receiver<Vec<Item>>,
+    free: &Semaphore,
+) {
     while let Some(batch) = batches.blocking_recv() {
-        let (texts, images): (Vec<Item>, Vec<Item>) = batch
-            .into_iter()
-            .partition(|i| matches!(i.job, Job::Text(_)));
-        if !texts.is_empty() {
-            let strings: Vec<&str> = texts
-                .iter()
-                .map(|i| match &i.job {
-                    Job::Text(t) => t.as_str(),
-                    Job::Image(_) => "",
-                })
-                .collect();
-            let started = Instant::now();
-            let out = engine.embed_texts(&strings).map_err(|e| e.to_string());
-            observe(metrics, "text", strings.len(), started);
-            reply(texts, out);
-        }
-        if !images.is_empty() {
-            let prepared: Vec<&PreparedImage> = images
-                .iter()
-                .filter_map(|i| match &i.job {
-                    Job::Image(p) => Some(p),
-                    Job::Text(_) => None,
-                })
-                .collect();
-            let started = Instant::now();
-            let out = engine
-                .embed_images(&prepared, 0)
-                .map(|o| o.embeddings)
-                .map_err(|e| e.to_string());
-            observe(metrics, "image", prepared.len(), started);
-            reply(images, out);
-        }
+        run_batch(engine, metrics, batch);
+        free.add_permits(1);
+    }
+}
+
+fn run_batch(engine: &Engine, metrics: &QueryMetrics, batch: Vec<Item>) {
+    let (texts, images): (Vec<Item>, Vec<Item>) = batch
+        .into_iter()
+        .partition(|i| matches!(i.job, Job::Text(_)));
+    if !texts.is_empty() {
+        let strings: Vec<&str> = texts
+            .iter()
+            .map(|i| match &i.job {
+                Job::Text(t) => t.as_str(),
+                Job::Image(_) => "",
+            })
+            .collect();
+        let started = Instant::now();
+        let out = engine.embed_texts(&strings).map_err(|e| e.to_string());
+        observe(metrics, "text", strings.len(), started);
+        reply(texts, out);
+    }
+    if !images.is_empty() {
+        let prepared: Vec<&PreparedImage> = images
+            .iter()
+            .filter_map(|i| match &i.job {
+                Job::Image(p) => Some(p),
+                Job::Text(_) => None,
+            })
+            .collect();
+        let started = Instant::now();
+        let out = engine
+            .embed_images(&prepared, 0)
+            .map(|o| o.embeddings)
+            .map_err(|e| e.to_string());
+        observe(metrics, "image", prepared.len(), started);
+        reply(images, out);
     }
 }
 
