@@ -18,7 +18,7 @@ export CLIP_FIXTURES := $(FIXTURES)
 CARGO ?= cargo
 CARGO_FLAGS := --release --locked
 
-.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo demo-worker bench bench-images bench-operator bench-query crd chart chart-docs release dashboard clean images cluster-up cluster-down node-components keda prebuild e2e
+.PHONY: help setup venv sysdeps build build-operator build-worker fixtures test test-rust test-python validate-manifests envtest control-plane kube-tools lint fmt clippy demo demo-worker bench bench-images bench-operator bench-query fuzz crd chart chart-docs release dashboard clean images cluster-up cluster-down node-components keda prebuild e2e
 
 help:
 	@echo "make test    build everything and run every test (what CI runs; root + docker)"
@@ -29,6 +29,7 @@ help:
 	@echo "make e2e     the chart and the images on that cluster: cache warm, 0 -> N -> 0, faults"
 	@echo "make bench   throughput vs the Python reference; see BENCHMARKS.md"
 	@echo "make bench-query   the query endpoint vs a transformers + FastAPI server, concurrency 1/8/32"
+	@echo "make fuzz    the mutation fuzzer, long, random seed (make test runs a short fixed-seed pass)"
 	@echo "make bench-operator   1,000 processors on a real API server: readiness, scale latency, cost at rest"
 	@echo "make lint    cargo fmt --check + clippy -D warnings"
 	@echo "make crd     regenerate crds/ from the Rust types"
@@ -69,6 +70,15 @@ test-rust: build fixtures control-plane kube-tools
 # The Go builds the e2e needs, started in the background so they overlap the cargo builds.
 prebuild:
 	@bash scripts/prebuild.sh
+
+# The mutation fuzzer over the fixture photos through `clip-worker embed`, long and with a random
+# seed (make test runs 300 inputs with a fixed one); inputs that break the contract are kept in
+# target/fuzz/failures. FUZZ_INPUTS=N FUZZ_SEED=S to choose.
+FUZZ_INPUTS ?= 5000
+FUZZ_SEED ?= random
+fuzz: build fixtures
+	@echo "==> fuzzing clip-worker embed: $(FUZZ_INPUTS) mutated photos, seed $(FUZZ_SEED)"
+	FUZZ_INPUTS=$(FUZZ_INPUTS) FUZZ_SEED=$(FUZZ_SEED) $(CARGO) test $(CARGO_FLAGS) -p clip-worker --test fuzz -- --nocapture
 
 # kube-apiserver + etcd built from Go modules, cached outside the repository (first run: minutes).
 control-plane:

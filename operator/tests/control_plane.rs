@@ -307,7 +307,7 @@ fn operator_on_a_real_control_plane() {
 
     // --- The operator and a real queue.
     let moto = Moto::start();
-    let sqs = rt.block_on(moto.sqs());
+    let sqs = rt.block_on(support::sqs(&moto));
     let queue = rt
         .block_on(sqs.create_queue().queue_name("clip-input").send())
         .unwrap()
@@ -816,7 +816,7 @@ fn helm_chart_on_a_real_control_plane() {
     let kubeconfig = chart_kubeconfig(&cp);
     let moto = Moto::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let sqs = rt.block_on(moto.sqs());
+    let sqs = rt.block_on(support::sqs(&moto));
     let queue = rt
         .block_on(sqs.create_queue().queue_name("clip-input").send())
         .unwrap()
@@ -920,6 +920,12 @@ fn helm_chart_on_a_real_control_plane() {
     assert!(
         !logs.contains("forbidden"),
         "the operator hit an RBAC denial:\n{logs}"
+    );
+    // Its text log went to a file, not a terminal: plain text, no colour codes.
+    assert!(logs.contains(" INFO "), "{logs}");
+    assert!(
+        !logs.contains('\u{1b}'),
+        "ANSI escapes in a log that is not a terminal:\n{logs}"
     );
     op.stop();
 
@@ -1059,7 +1065,7 @@ fn at_rest_the_operator_reads_the_queue_and_writes_only_a_heartbeat() {
     crds(&cp);
     cp.ok(&["create", "namespace", NS]);
     let moto = Moto::start();
-    let sqs = rt.block_on(moto.sqs());
+    let sqs = rt.block_on(support::sqs(&moto));
     rt.block_on(sqs.create_queue().queue_name("clip-input").send())
         .unwrap();
     let op = Operator::start(&cp, &moto, "operator-a");
@@ -1136,7 +1142,7 @@ fn a_resync_with_nothing_to_change_makes_no_request_and_drift_is_put_back() {
     established(&cp, "clipprocessors.lakechain.dev");
     cp.ok(&["create", "namespace", NS]);
     let moto = Moto::start();
-    let sqs = rt.block_on(moto.sqs());
+    let sqs = rt.block_on(support::sqs(&moto));
     rt.block_on(sqs.create_queue().queue_name("clip-input").send())
         .unwrap();
     let op = Operator::start_as(

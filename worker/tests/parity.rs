@@ -8,7 +8,7 @@
 mod common;
 
 use clip_worker::engine::{Engine, EngineConfig, LabelSource};
-use clip_worker::model::{DEFAULT_MODEL, Gemm, Placement};
+use clip_worker::model::{DEFAULT_MODEL, Gemm, Host, Placement};
 use clip_worker::preprocess::{PreparedImage, Preprocessor};
 use clip_worker::tokenizer::ClipTokenizer;
 use common::*;
@@ -40,7 +40,7 @@ fn pixel_mad(img: &PreparedImage, reference: &[f32]) -> f64 {
 fn engine(tag: &str) -> Engine {
     engine_on(
         tag,
-        Placement::resolve(Default::default(), Default::default(), 0).unwrap(),
+        Placement::resolve(Default::default(), Default::default(), Host::CPU).unwrap(),
     )
 }
 
@@ -139,7 +139,7 @@ fn image_embeddings_match_transformers_vit_b_32() {
 fn image_embeddings_match_transformers_with_libtorchs_linear() {
     let placement = Placement {
         gemm: Gemm::Libtorch,
-        ..Placement::resolve(Default::default(), Default::default(), 0).unwrap()
+        ..Placement::resolve(Default::default(), Default::default(), Host::CPU).unwrap()
     };
     check_image_embeddings_on("vit-b-32", engine_on("vit-b-32", placement));
 }

@@ -11,23 +11,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::fixtures;
-use local_aws::{Stack, Worker, free_port};
+use common::{fixtures, rt};
+use local_aws::{Stack, Worker, free_port, output_ids, send_photos};
 use serde_json::{Value, json};
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("clip-svc-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch("clip-svc", name)
 }
 
 fn tiny() -> PathBuf {
@@ -411,49 +400,34 @@ fn a_failure_queue_gets_the_message_and_the_reason() {
     );
 }
 
-/// Sends `n` events for copies of fixture photos; returns the event ids.
-async fn send_photos(stack: &Stack, n: usize) -> HashSet<String> {
-    let f = fixtures().join("images");
-    let files = [
-        "chelsea-baseline.jpg",
-        "astronaut.png",
-        "coffee.gif",
-        "hopper-lossy.webp",
-        "motorcycle.bmp",
-    ];
-    let mimes = [
-        "image/jpeg",
-        "image/png",
-        "image/gif",
-        "image/webp",
-        "image/bmp",
-    ];
-    let mut etags = Vec::new();
-    for file in files {
-        etags.push(stack.upload(&format!("p/{file}"), &f.join(file)).await);
-    }
-    let mut ids = HashSet::new();
-    let mut bodies = Vec::new();
-    for i in 0..n {
-        let j = i % files.len();
-        let ev = stack.event(&format!("p/{}", files[j]), mimes[j], Some(&etags[j]));
-        ids.insert(ev["id"].as_str().unwrap().to_string());
-        bodies.push(ev.to_string());
-    }
-    stack.send_many(&bodies).await;
-    ids
-}
-
-fn output_ids(outputs: &[aws_sdk_sqs::types::Message]) -> Vec<String> {
-    outputs
-        .iter()
-        .map(|m| {
-            serde_json::from_str::<Value>(m.body.as_deref().unwrap()).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
+/// 64 messages waiting when the worker starts are embedded in forward passes of several images
+/// each: the batch-size histogram says so (with batching off, or a batcher that hands out single
+/// images, every pass holds one image and this fails).
+#[test]
+fn waiting_messages_are_embedded_in_batches() {
+    let rt = rt();
+    let stack = rt.block_on(Stack::create(10));
+    let n = 64;
+    let ids = rt.block_on(send_photos(&stack, n));
+    let dir = tmp("batches");
+    let env = stack.worker_env(free_port(), &tiny(), &dir);
+    let mut worker = Worker::spawn(&env, &dir.join("worker.log"));
+    worker.wait_ready(Duration::from_secs(60));
+    let out = output_ids(&rt.block_on(stack.collect(&stack.sink, n, Duration::from_secs(120))));
+    assert_eq!(out.into_iter().collect::<HashSet<_>>(), ids);
+    let passes = worker.metric("clip_worker_batch_size_count");
+    let images = worker.metric("clip_worker_batch_size_sum");
+    let single = worker.metric("clip_worker_batch_size_bucket{le=\"1.0\"}");
+    assert_eq!(images, n as f64, "each image in one forward pass");
+    assert!(
+        single < passes,
+        "every one of {passes} forward passes held a single image"
+    );
+    assert!(
+        passes <= n as f64 / 2.0,
+        "{n} waiting images took {passes} forward passes (batches of {:.1} on average)",
+        images / passes
+    );
 }
 
 #[test]

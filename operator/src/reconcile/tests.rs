@@ -380,46 +380,11 @@ async fn an_invalid_spec_is_reported_and_nothing_is_created() {
     );
 }
 
-/// moto's server from the project's venv, killed on drop.
-struct Moto(std::process::Child, String);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn moto() -> Moto {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let bin = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server");
-    assert!(bin.exists(), "{} missing: run `make venv`", bin.display());
-    let child = std::process::Command::new(bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "moto_server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Moto(child, format!("http://127.0.0.1:{port}"))
-}
-
 /// moto's server, an SQS client for it and the queue `clip-input`.
-async fn moto_queue() -> (Moto, aws_sdk_sqs::Client, String) {
-    let moto = moto();
+async fn moto_queue() -> (clip_test_support::Moto, aws_sdk_sqs::Client, String) {
+    let moto = clip_test_support::Moto::start();
     let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(&moto.1)
+        .endpoint_url(&moto.endpoint)
         .region(aws_config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_sqs::config::Credentials::new(
             "test", "test", None, None, "emulator",
@@ -476,7 +441,7 @@ async fn the_builtin_scaler_follows_a_real_queue() {
         OperatorSettings::default(),
         Arc::new(Metrics::default()),
         None,
-        QueueReader::for_emulator(&moto.1),
+        QueueReader::for_emulator(&moto.endpoint),
     );
     let action = converge(&fake, &ctx).await;
     assert_eq!(
@@ -618,7 +583,7 @@ async fn the_builtin_scaler_keeps_scaling_while_status_writes_are_refused() {
         OperatorSettings::default(),
         Arc::new(Metrics::default()),
         None,
-        QueueReader::for_emulator(&moto.1),
+        QueueReader::for_emulator(&moto.endpoint),
     );
     converge(&fake, &ctx).await;
     fake.fail(

@@ -5,7 +5,6 @@
 
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -14,14 +13,6 @@ use serde_json::Value;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Runs one of the project's setup scripts and returns the directory it prints.
@@ -309,51 +300,19 @@ impl Drop for ControlPlane {
     }
 }
 
-/// moto's SQS on loopback, killed on drop.
-pub struct Moto {
-    child: Child,
-    pub endpoint: String,
-}
+pub use clip_test_support::{Moto, free_port};
 
-impl Moto {
-    pub fn start() -> Moto {
-        let port = free_port();
-        let bin = repo().join(".venv/bin/moto_server");
-        let child = Command::new(bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server (make venv)");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Moto {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    pub async fn sqs(&self) -> aws_sdk_sqs::Client {
-        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .endpoint_url(&self.endpoint)
-            .region(aws_config::Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-                "test", "test", None, None, "static",
-            ))
-            .load()
-            .await;
-        aws_sdk_sqs::Client::new(&conf)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// An SQS client for `moto`.
+pub async fn sqs(moto: &Moto) -> aws_sdk_sqs::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&moto.endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "test", "test", None, None, "static",
+        ))
+        .load()
+        .await;
+    aws_sdk_sqs::Client::new(&conf)
 }
 
 /// A `clip-operator run` process, killed on drop.

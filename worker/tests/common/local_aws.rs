@@ -4,8 +4,8 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,54 +14,7 @@ use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::QueueAttributeName;
 use serde_json::{Value, json};
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn venv_bin(name: &str) -> PathBuf {
-    let venv = std::env::var_os("VIRTUAL_ENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv"));
-    let p = venv.join("bin").join(name);
-    assert!(p.exists(), "{} missing: run `make venv`", p.display());
-    p
-}
-
-/// A moto server, killed on drop.
-pub struct Moto {
-    child: Child,
-    pub endpoint: String,
-}
-
-impl Moto {
-    pub fn start() -> Moto {
-        let port = free_port();
-        let child = Command::new(venv_bin("moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
-        let endpoint = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Moto { child, endpoint }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+pub use clip_test_support::{Moto, free_port};
 
 /// SDK clients for the test's own calls.
 pub struct Clients {
@@ -530,4 +483,49 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends `n` events for copies of fixture photos; returns the event ids.
+pub async fn send_photos(stack: &Stack, n: usize) -> HashSet<String> {
+    let f = super::common::fixtures().join("images");
+    let files = [
+        "chelsea-baseline.jpg",
+        "astronaut.png",
+        "coffee.gif",
+        "hopper-lossy.webp",
+        "motorcycle.bmp",
+    ];
+    let mimes = [
+        "image/jpeg",
+        "image/png",
+        "image/gif",
+        "image/webp",
+        "image/bmp",
+    ];
+    let mut etags = Vec::new();
+    for file in files {
+        etags.push(stack.upload(&format!("p/{file}"), &f.join(file)).await);
+    }
+    let mut ids = HashSet::new();
+    let mut bodies = Vec::new();
+    for i in 0..n {
+        let j = i % files.len();
+        let ev = stack.event(&format!("p/{}", files[j]), mimes[j], Some(&etags[j]));
+        ids.insert(ev["id"].as_str().unwrap().to_string());
+        bodies.push(ev.to_string());
+    }
+    stack.send_many(&bodies).await;
+    ids
+}
+
+pub fn output_ids(outputs: &[aws_sdk_sqs::types::Message]) -> Vec<String> {
+    outputs
+        .iter()
+        .map(|m| {
+            serde_json::from_str::<Value>(m.body.as_deref().unwrap()).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
 }
