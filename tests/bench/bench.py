@@ -31,6 +31,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 from make_fixtures import reference_input, reference_transform, sample_photo  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host import cpu_description  # noqa: E402
+
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "grace_hopper.jpg", "rocket.jpg", "motorcycle_left.png"]
 
 
@@ -192,7 +195,7 @@ def main() -> None:
     # The small fixture photos; large-odd.jpg (2.5 MP) is there for the parity tests.
     photos = sorted(p for p in (a.fixtures / "images").iterdir() if not p.name.startswith("large-"))
     results: dict = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+        "machine": f"{platform.machine()}, {cpu_description()}",
         "torch": torch.__version__,
     }
     rows = []

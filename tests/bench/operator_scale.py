@@ -38,6 +38,9 @@ from pathlib import Path
 
 import boto3
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host import cpu_description  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 CLK = os.sysconf("SC_CLK_TCK")
 
@@ -296,7 +299,7 @@ def main() -> None:
 def run(rig: Rig, args) -> None:
     n, interval = args.processors, 15
     results: dict = {"processors": n, "resync_s": args.resync, "namespaces": args.namespaces, "polling_interval_s": interval,
-                     "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"}
+                     "machine": f"{cpu_description()}, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"}
     rig.kubectl("apply", "--server-side", "-f", str(ROOT / "crds/clipprocessors.lakechain.dev.yaml"))
     rig.kubectl("wait", "--for=condition=Established", "crd/clipprocessors.lakechain.dev", "--timeout=60s")
     ns_docs = "---\n".join(f"apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team-{i:02d}\n" for i in range(args.namespaces))

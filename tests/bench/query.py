@@ -13,13 +13,15 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host import cpu_description  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 NOUNS = ["car", "dog", "cat", "house", "tree", "beach", "mountain", "city at night", "red bicycle",
@@ -116,16 +118,6 @@ async def level(port: int, concurrency: int, seconds: float, warmup: float) -> d
             "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--worker", default=str(ROOT / "target/release/clip-worker"))
@@ -167,7 +159,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
     ours, ref = results["clip-worker query"], results["reference (transformers + FastAPI)"]
-    print(f"\nViT-B/32 text queries, CPU: {cpu_model()}, {os.cpu_count()} cores")
+    print(f"\nViT-B/32 text queries, CPU: {cpu_description()}")
     print("| concurrency | clip-worker query: req/s, p50, p99 | reference: req/s, p50, p99 | throughput ratio |")
     print("|---|---|---|---|")
     for o, r in zip(ours, ref):
@@ -175,7 +167,7 @@ def main() -> None:
               f"| {r['rps']:.1f}, {r['p50_ms']:.1f} ms, {r['p99_ms']:.1f} ms | {o['rps'] / r['rps']:.2f}x |")
     out = ROOT / "target/bench/query.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu": cpu_model(), "cores": os.cpu_count(), "seconds": args.seconds,
+    out.write_text(json.dumps({"cpu": cpu_description(), "cores": os.cpu_count(), "seconds": args.seconds,
                                "results": results}, indent=2))
     print(f"wrote {out}")
 
