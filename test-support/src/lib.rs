@@ -49,15 +49,37 @@ impl Moto {
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto_server");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_port(port, Duration::from_secs(60), "moto_server");
         Moto {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
         }
+    }
+
+    /// The SDK configuration every test client uses against it: its endpoint, `us-east-1`, and
+    /// static `test` credentials. S3 clients add path-style addressing on top.
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&self.endpoint)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_credential_types::Credentials::new(
+                "test", "test", None, None, "moto",
+            ))
+            .load()
+            .await
+    }
+}
+
+/// Blocks until something accepts TCP connections on `127.0.0.1:port`; fails the test naming
+/// `what` after `timeout`.
+pub fn wait_for_port(port: u16, timeout: Duration, what: &str) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

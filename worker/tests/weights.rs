@@ -8,8 +8,9 @@ mod local_aws;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use clip_test_support::wait_for_port;
 use clip_worker::weights::{FILES, MARKER};
 use common::fixtures;
 use local_aws::{Moto, clients, free_port};
@@ -47,11 +48,7 @@ impl HttpServer {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "http.server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(port, Duration::from_secs(20), "http.server");
         HttpServer {
             child,
             url: format!("http://127.0.0.1:{port}/"),
@@ -196,7 +193,7 @@ fn s3_sources_work_too() {
     let moto = Moto::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let c = clients(&moto.endpoint).await;
+        let c = clients(&moto).await;
         c.s3.create_bucket().bucket("models").send().await.unwrap();
         for f in FILES {
             let body = std::fs::read(fixtures().join("models/tiny").join(f)).unwrap();

@@ -383,15 +383,7 @@ async fn an_invalid_spec_is_reported_and_nothing_is_created() {
 /// moto's server, an SQS client for it and the queue `clip-input`.
 async fn moto_queue() -> (clip_test_support::Moto, aws_sdk_sqs::Client, String) {
     let moto = clip_test_support::Moto::start();
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(&moto.endpoint)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "test", "test", None, None, "emulator",
-        ))
-        .load()
-        .await;
-    let sqs = aws_sdk_sqs::Client::new(&conf);
+    let sqs = aws_sdk_sqs::Client::new(&moto.sdk_config().await);
     let queue = sqs
         .create_queue()
         .queue_name("clip-input")

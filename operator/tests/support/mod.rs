@@ -304,15 +304,7 @@ pub use clip_test_support::{Moto, free_port};
 
 /// An SQS client for `moto`.
 pub async fn sqs(moto: &Moto) -> aws_sdk_sqs::Client {
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(&moto.endpoint)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "test", "test", None, None, "static",
-        ))
-        .load()
-        .await;
-    aws_sdk_sqs::Client::new(&conf)
+    aws_sdk_sqs::Client::new(&moto.sdk_config().await)
 }
 
 /// A `clip-operator run` process, killed on drop.

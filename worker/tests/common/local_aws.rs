@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_sqs::types::QueueAttributeName;
 use serde_json::{Value, json};
 
@@ -23,13 +22,8 @@ pub struct Clients {
     pub sns: aws_sdk_sns::Client,
 }
 
-pub async fn clients(endpoint: &str) -> Clients {
-    let conf = aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
-        .load()
-        .await;
+pub async fn clients(moto: &Moto) -> Clients {
+    let conf = moto.sdk_config().await;
     let s3 = aws_sdk_s3::config::Builder::from(&conf)
         .force_path_style(true)
         .build();
@@ -56,7 +50,7 @@ impl Stack {
     /// `max_receives`: the input queue's redrive `maxReceiveCount`.
     pub async fn create(max_receives: u32) -> Stack {
         let moto = Moto::start();
-        let c = clients(&moto.endpoint).await;
+        let c = clients(&moto).await;
         let (docs_bucket, cache_bucket) = ("documents".to_string(), "cache".to_string());
         for b in [&docs_bucket, &cache_bucket] {
             c.s3.create_bucket().bucket(b).send().await.unwrap();
