@@ -83,6 +83,17 @@ pub fn wait_for_port(port: u16, timeout: Duration, what: &str) {
     }
 }
 
+/// Sends `request` as is to `127.0.0.1:port` on a new connection and reads the answer to its end
+/// (send HTTP/1.0 requests, so the server closes it). `None` if nothing accepts or the read fails.
+pub fn http_exchange(port: u16, request: &[u8]) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(request).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
 impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();

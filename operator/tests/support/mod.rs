@@ -356,15 +356,10 @@ impl Operator {
         }
     }
 
+    /// The whole answer to `GET /metrics`, headers included; empty if it does not answer.
     pub fn metrics(&self) -> String {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
-            return String::new();
-        };
-        let _ = write!(s, "GET /metrics HTTP/1.0\r\n\r\n");
-        let mut buf = String::new();
-        let _ = s.read_to_string(&mut buf);
-        buf
+        clip_test_support::http_exchange(self.metrics_port, b"GET /metrics HTTP/1.0\r\n\r\n")
+            .unwrap_or_default()
     }
 
     pub fn is_leader(&self) -> bool {

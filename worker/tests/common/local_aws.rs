@@ -368,14 +368,7 @@ impl Worker {
 
     /// Status, header block (lower-cased) and body of `GET path`.
     pub fn get_with_headers(&self, path: &str) -> Option<(u16, String, String)> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).ok()?;
-        let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-        let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
-        Some((status, head.to_ascii_lowercase(), body.to_string()))
+        self.raw(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
     }
 
     /// `POST path` with a JSON body: (status, header block lower-cased, body).
@@ -391,12 +384,7 @@ impl Worker {
 
     /// Sends `request` as is on a new connection and reads the answer to its end.
     pub fn raw(&self, request: &[u8]) -> Option<(u16, String, String)> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
-        s.write_all(request).ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).ok()?;
-        let buf = String::from_utf8_lossy(&buf).into_owned();
+        let buf = clip_test_support::http_exchange(self.http_port, request)?;
         let status = buf.split_whitespace().nth(1)?.parse().ok()?;
         let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
         Some((status, head.to_ascii_lowercase(), body.to_string()))
