@@ -8,7 +8,7 @@ use std::time::Instant;
 use tch::Tensor;
 
 use crate::labels::{self, LabelIndex};
-use crate::model::{ClipModel, ModelError, ModelSpec, Placement, Towers};
+use crate::model::{ClipModel, Gemm, ModelError, ModelSpec, Placement, Towers};
 use crate::preprocess::PreparedImage;
 use crate::tokenizer::ClipTokenizer;
 
@@ -100,6 +100,7 @@ impl Engine {
         tracing::info!(
             weights = %cfg.weights.display(),
             placement = %cfg.placement.describe(),
+            text_products = model.text_gemm.map_or("-", Gemm::name),
             cpu = %crate::model::cpu_description(),
             seconds = started.elapsed().as_secs_f32(),
             "model loaded"

@@ -124,11 +124,21 @@ fn events_in_vectors_and_enriched_events_out() {
     let mut worker = Worker::spawn(&env, &dir.join("worker.log"));
     worker.wait_ready(Duration::from_secs(60));
     let outputs = rt.block_on(stack.collect(&stack.sink, cases.len(), Duration::from_secs(90)));
+    // Which documents came out, with their event ids, so a missing or repeated one is named.
+    let arrived: Vec<String> = outputs
+        .iter()
+        .map(|m| {
+            let v: Value =
+                serde_json::from_str(m.body.as_deref().unwrap_or("null")).unwrap_or_default();
+            format!("{} {}", v["id"], v["data"]["document"]["url"])
+        })
+        .collect();
     assert_eq!(
         outputs.len(),
         cases.len(),
-        "outputs: {}\n{}",
+        "outputs: {}\n{}\n{}",
         outputs.len(),
+        arrived.join("\n"),
         worker.logs()
     );
 

@@ -7,14 +7,23 @@ use super::Gemm;
 use super::ModelError;
 use super::checkpoint::TensorReader;
 use super::config::{Activation, TowerConfig};
+use super::panels::PanelLinear;
 
 /// `y = x W^T + b`.
 pub struct Linear {
-    /// `[out, in]`; in oneDNN's layout when `gemm` is [`Gemm::OneDnn`].
-    weight: Tensor,
-    bias: Option<Tensor>,
-    out: i64,
-    gemm: Gemm,
+    imp: LinearImp,
+}
+
+enum LinearImp {
+    /// libtorch's linear or oneDNN's inner product.
+    Dense {
+        /// `[out, in]`; in oneDNN's layout when `gemm` is [`Gemm::OneDnn`].
+        weight: Tensor,
+        bias: Option<Tensor>,
+        out: i64,
+        onednn: bool,
+    },
+    Panels(PanelLinear),
 }
 
 impl Linear {
@@ -48,22 +57,38 @@ impl Linear {
     /// From dense `[out, in]` weights, converted once for `gemm`.
     pub fn new(weight: Tensor, bias: Option<Tensor>, gemm: Gemm) -> Self {
         let out = weight.size()[0];
-        let (weight, bias) = match gemm {
-            Gemm::Libtorch => (weight, bias),
-            Gemm::OneDnn => (weight.g_to_mkldnn(None), bias.map(|b| b.g_to_mkldnn(None))),
+        let imp = match gemm {
+            Gemm::Libtorch => LinearImp::Dense {
+                weight,
+                bias,
+                out,
+                onednn: false,
+            },
+            Gemm::OneDnn => LinearImp::Dense {
+                weight: weight.g_to_mkldnn(None),
+                bias: bias.map(|b| b.g_to_mkldnn(None)),
+                out,
+                onednn: true,
+            },
+            Gemm::Panels => LinearImp::Panels(PanelLinear::new(&weight, bias.as_ref())),
         };
-        Linear {
-            weight,
-            bias,
-            out,
-            gemm,
-        }
+        Linear { imp }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        match self.gemm {
-            Gemm::Libtorch => x.linear(&self.weight, self.bias.as_ref()),
-            Gemm::OneDnn => {
+        match &self.imp {
+            LinearImp::Dense {
+                weight,
+                bias,
+                onednn: false,
+                ..
+            } => x.linear(weight, bias.as_ref()),
+            LinearImp::Dense {
+                weight,
+                bias,
+                out,
+                onednn: true,
+            } => {
                 // oneDNN's inner product is 2-D: flatten the leading dimensions, convert the
                 // activations in and out of oneDNN's layout (a copy each way, small next to the
                 // product), and restore the shape.
@@ -72,13 +97,14 @@ impl Linear {
                 let y = x
                     .reshape([-1, inp])
                     .g_to_mkldnn(None)
-                    .mkldnn_linear(&self.weight, self.bias.as_ref())
+                    .mkldnn_linear(weight, bias.as_ref())
                     .to_dense(None, false);
                 if let Some(last) = shape.last_mut() {
-                    *last = self.out;
+                    *last = *out;
                 }
                 y.reshape(shape)
             }
+            LinearImp::Panels(p) => p.forward(x),
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 mod layers;
+mod panels;
 mod text;
 mod vision;
 
@@ -101,17 +102,42 @@ pub enum Gemm {
     /// AVX-512 AMD machine CI uses where oneDNN reaches about 450, for the same fp32 results up
     /// to rounding (BENCHMARKS.md). The vision tower only: the text tower's products have a few
     /// to a few hundred rows, where converting the activations in and out of oneDNN's layout
-    /// around every product costs more than oneDNN saves, and libtorch's linear answers a text
-    /// query about 10% sooner (BENCHMARKS.md, query endpoint).
+    /// around every product costs more than oneDNN saves (see [`Gemm::for_text`]).
     OneDnn,
+    /// The text tower's fp32 products on AVX-512 CPUs: the weights packed once into panels of
+    /// 32 output columns, streamed by a register-blocked kernel (`panels.rs`). A text query's
+    /// products have about ten rows, where MKL's sgemm reaches less than half the memory
+    /// bandwidth: a lone query's forward takes a quarter of its time with libtorch's linear, and
+    /// batches of 16 queries about 70% (BENCHMARKS.md, query endpoint).
+    Panels,
 }
 
 impl Gemm {
+    /// As the start-up log names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Gemm::Libtorch => "libtorch",
+            Gemm::OneDnn => "onednn",
+            Gemm::Panels => "panels",
+        }
+    }
+
     /// oneDNN for fp32 on a CPU when libtorch was built with it; libtorch's `linear` otherwise
     /// (CUDA, and bf16 on the CPU, which libtorch already sends to oneDNN).
     pub fn preferred(device: Device, kind: Kind) -> Gemm {
         if device == Device::Cpu && kind == Kind::Float && tch::utils::has_mkldnn() {
             Gemm::OneDnn
+        } else {
+            Gemm::Libtorch
+        }
+    }
+
+    /// The text tower's: [`Gemm::Panels`] for fp32 on an AVX-512 CPU, libtorch's `linear`
+    /// otherwise (oneDNN's layout conversions around products of a few rows cost more than they
+    /// save, see [`Gemm::OneDnn`]).
+    pub fn for_text(device: Device, kind: Kind) -> Gemm {
+        if device == Device::Cpu && kind == Kind::Float && panels::available() {
+            Gemm::Panels
         } else {
             Gemm::Libtorch
         }
@@ -246,7 +272,7 @@ impl Placement {
         })
     }
 
-    /// Short human form, e.g. `cuda:0 fp16` or `cpu fp32 onednn`.
+    /// Short human form of the vision tower's placement, e.g. `cuda:0 fp16` or `cpu fp32 onednn`.
     pub fn describe(&self) -> String {
         let d = match self.device {
             Device::Cuda(i) => format!("cuda:{i}"),
@@ -259,7 +285,7 @@ impl Placement {
         };
         match self.gemm {
             Gemm::Libtorch => format!("{d} {k}"),
-            Gemm::OneDnn => format!("{d} {k} onednn"),
+            gemm => format!("{d} {k} {}", gemm.name()),
         }
     }
 }
@@ -275,6 +301,8 @@ pub enum Towers {
 pub struct ClipModel {
     pub config: ClipConfig,
     pub placement: Placement,
+    /// The text tower's linear layers' backend, when it is loaded.
+    pub text_gemm: Option<Gemm>,
     vision: VisionTower,
     text: Option<TextTower>,
 }
@@ -287,8 +315,9 @@ impl ClipModel {
         let mut r = ckpt.reader(placement)?;
         let _guard = tch::no_grad_guard();
         let vision = VisionTower::load(&r, &config.vision, config.projection_dim)?;
-        // The text tower keeps libtorch's linear (see `Gemm::OneDnn`).
-        r.set_gemm(Gemm::Libtorch);
+        // The text tower's products are a few rows each (see `Gemm::for_text`).
+        let text_gemm = Gemm::for_text(placement.device, placement.kind);
+        r.set_gemm(text_gemm);
         let text = match towers {
             Towers::Both => Some(TextTower::load(&r, &config.text, config.projection_dim)?),
             Towers::VisionOnly => None,
@@ -296,6 +325,7 @@ impl ClipModel {
         Ok(ClipModel {
             config,
             placement,
+            text_gemm: text.is_some().then_some(text_gemm),
             vision,
             text,
         })
@@ -439,6 +469,20 @@ mod tests {
         assert_eq!(p.gemm, Gemm::Libtorch);
         let p = Placement::resolve(DeviceChoice::Cpu, PrecisionChoice::Auto, gpus(4)).unwrap();
         assert_eq!(p.device, Device::Cpu);
+    }
+
+    /// The text tower's products use the panel kernel for fp32 on an AVX-512 CPU only.
+    #[test]
+    fn the_text_tower_takes_panels_for_fp32_on_avx512() {
+        let want = if panels::available() {
+            Gemm::Panels
+        } else {
+            Gemm::Libtorch
+        };
+        assert_eq!(Gemm::for_text(Device::Cpu, Kind::Float), want);
+        assert_eq!(Gemm::for_text(Device::Cpu, Kind::BFloat16), Gemm::Libtorch);
+        assert_eq!(Gemm::for_text(Device::Cuda(0), Kind::Float), Gemm::Libtorch);
+        assert_eq!(Gemm::for_text(Device::Cuda(0), Kind::Half), Gemm::Libtorch);
     }
 
     #[test]

@@ -6,14 +6,14 @@ use tch::Tensor;
 use super::ModelError;
 use super::checkpoint::TensorReader;
 use super::config::TextConfig;
-use super::layers::{Encoder, LayerNorm};
+use super::layers::{Encoder, LayerNorm, Linear};
 
 pub struct TextTower {
     token_embedding: Tensor,
     position_embedding: Tensor,
     encoder: Encoder,
     final_norm: LayerNorm,
-    projection: Tensor,
+    projection: Linear,
 }
 
 impl TextTower {
@@ -35,7 +35,7 @@ impl TextTower {
             )?,
             encoder: Encoder::load(r, "text_model.encoder", t)?,
             final_norm: LayerNorm::load(r, "text_model.final_layer_norm", h, t.layer_norm_eps)?,
-            projection: r.get("text_projection.weight", &[projection_dim, h])?,
+            projection: Linear::load(r, "text_projection", h, projection_dim, false)?,
         })
     }
 
@@ -49,6 +49,6 @@ impl TextTower {
         let x = self.final_norm.forward(&self.encoder.forward(&x, true));
         let batch = Tensor::arange(ids.size()[0], (tch::Kind::Int64, x.device()));
         let pooled = x.index(&[Some(batch), Some(eot.to_device(x.device()))]);
-        pooled.matmul(&self.projection.tr())
+        self.projection.forward(&pooled)
     }
 }
