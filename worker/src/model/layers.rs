@@ -12,16 +12,20 @@ use super::panels::PanelLinear;
 /// `y = x W^T + b`.
 pub struct Linear {
     imp: LinearImp,
+    out: i64,
 }
 
+/// The weights in the form their [`Gemm`] reads.
 enum LinearImp {
-    /// libtorch's linear or oneDNN's inner product.
-    Dense {
-        /// `[out, in]`; in oneDNN's layout when `gemm` is [`Gemm::OneDnn`].
+    /// `[out, in]`.
+    Libtorch {
         weight: Tensor,
         bias: Option<Tensor>,
-        out: i64,
-        onednn: bool,
+    },
+    /// `[out, in]` in oneDNN's layout.
+    OneDnn {
+        weight: Tensor,
+        bias: Option<Tensor>,
     },
     Panels(PanelLinear),
 }
@@ -58,54 +62,34 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>, gemm: Gemm) -> Self {
         let out = weight.size()[0];
         let imp = match gemm {
-            Gemm::Libtorch => LinearImp::Dense {
-                weight,
-                bias,
-                out,
-                onednn: false,
-            },
-            Gemm::OneDnn => LinearImp::Dense {
+            Gemm::Libtorch => LinearImp::Libtorch { weight, bias },
+            Gemm::OneDnn => LinearImp::OneDnn {
                 weight: weight.g_to_mkldnn(None),
                 bias: bias.map(|b| b.g_to_mkldnn(None)),
-                out,
-                onednn: true,
             },
             Gemm::Panels => LinearImp::Panels(PanelLinear::new(&weight, bias.as_ref())),
         };
-        Linear { imp }
+        Linear { imp, out }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        match &self.imp {
-            LinearImp::Dense {
-                weight,
-                bias,
-                onednn: false,
-                ..
-            } => x.linear(weight, bias.as_ref()),
-            LinearImp::Dense {
-                weight,
-                bias,
-                out,
-                onednn: true,
-            } => {
-                // oneDNN's inner product is 2-D: flatten the leading dimensions, convert the
-                // activations in and out of oneDNN's layout (a copy each way, small next to the
-                // product), and restore the shape.
-                let mut shape = x.size();
-                let inp = shape.last().copied().unwrap_or(1);
-                let y = x
-                    .reshape([-1, inp])
-                    .g_to_mkldnn(None)
-                    .mkldnn_linear(weight, bias.as_ref())
-                    .to_dense(None, false);
-                if let Some(last) = shape.last_mut() {
-                    *last = *out;
-                }
-                y.reshape(shape)
-            }
-            LinearImp::Panels(p) => p.forward(x),
+        // oneDNN's inner product and the panels are 2-D: flatten the leading dimensions and
+        // restore them after. oneDNN converts the activations in and out of its layout (a copy
+        // each way, small next to the product).
+        let mut shape = x.size();
+        let flat = || x.reshape([-1, shape.last().copied().unwrap_or(1)]);
+        let y = match &self.imp {
+            LinearImp::Libtorch { weight, bias } => return x.linear(weight, bias.as_ref()),
+            LinearImp::OneDnn { weight, bias } => flat()
+                .g_to_mkldnn(None)
+                .mkldnn_linear(weight, bias.as_ref())
+                .to_dense(None, false),
+            LinearImp::Panels(p) => p.forward(&flat()),
+        };
+        if let Some(last) = shape.last_mut() {
+            *last = self.out;
         }
+        y.reshape(shape)
     }
 }
 

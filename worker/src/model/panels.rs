@@ -176,17 +176,13 @@ impl PanelLinear {
         }
     }
 
-    /// `x`: `[..., in]`, fp32 on the CPU. Returns `[..., out]`, contiguous.
+    /// `x`: `[rows, in]`, fp32 on the CPU. Returns `[rows, out]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut shape = x.size();
-        let x = x.reshape([-1, self.inp as i64]).contiguous();
+        let x = x.contiguous();
         let rows = x.size()[0] as usize;
         let y = Tensor::empty([rows as i64, self.out as i64], (Kind::Float, Device::Cpu));
-        if let Some(last) = shape.last_mut() {
-            *last = self.out as i64;
-        }
         if rows == 0 {
-            return y.reshape(shape);
+            return y;
         }
         let xs = fp32_slice(&x);
         let panels = fp32_slice(&self.panels);
@@ -218,7 +214,7 @@ impl PanelLinear {
         };
         let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1);
         parallel(threads.clamp(1, blocks), &run);
-        y.reshape(shape)
+        y
     }
 }
 
@@ -362,6 +358,8 @@ unsafe fn block<const R: usize>((x, inp, panel, bias, out, stride, valid): Block
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Gemm;
+    use crate::model::layers::Linear;
 
     /// `x W^T + b` in f64, element by element.
     fn reference(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
@@ -408,8 +406,10 @@ mod tests {
                     "in {inp} out {out} rows {rows}: max |error| {err}"
                 );
             }
+            // Through the layer, which flattens the leading dimensions and restores them.
+            let layer = Linear::new(w.copy(), Some(b.copy()), Gemm::Panels);
             let x = Tensor::randn([2, 3, inp], opts);
-            assert_eq!(lin.forward(&x).size(), [2, 3, out]);
+            assert_eq!(layer.forward(&x).size(), [2, 3, out]);
             assert_eq!(lin.forward(&Tensor::zeros([0, inp], opts)).size(), [0, out]);
         }
         // No bias.
